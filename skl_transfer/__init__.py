@@ -1,0 +1,10 @@
+"""skl_transfer: closed-form domain adaptation of a pretrained network's last layer.
+
+Layer variational analysis (Tseng et al., ICLR 2023) as scikit-learn estimators.
+"""
+
+from ._adapter import LayerVariationalAdapter
+
+__version__ = "0.1.0"
+
+__all__ = ["LayerVariationalAdapter", "__version__"]

@@ -1,0 +1,126 @@
+"""The one torch/numpy boundary.
+
+Everything that touches a torch module or tensor on behalf of the estimators lives here:
+device policy, the private frozen copy of the extractor, batched inference under
+``torch.inference_mode`` and the conversion of features to float64 numpy arrays.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+
+def is_tensor(x):
+    return isinstance(x, torch.Tensor)
+
+
+def to_numpy(x):
+    """A CPU numpy view or copy of ``x`` if it is a tensor; ``x`` unchanged otherwise."""
+    if is_tensor(x):
+        return x.detach().cpu().numpy()
+    return x
+
+
+def resolve_device(device):
+    """``"auto"`` -> cuda when available else cpu; anything else must name a usable device."""
+    if isinstance(device, str) and device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(
+            f"device={device!r} is not a torch device; use 'auto', 'cpu', 'cuda' or 'cuda:0'."
+        ) from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"device={device!r} asks for CUDA but torch.cuda.is_available() is False; "
+            "use device='auto' or device='cpu'."
+        )
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device={device!r} asks for MPS, which is not available; use device='cpu'.")
+    return dev
+
+
+def frozen_copy(module, device):
+    """A private copy of ``module`` on ``device``, in eval mode, with gradients off.
+
+    The user's module is only read (deep-copied): its weights, training flag, device,
+    dtype and requires_grad flags stay as they were.
+    """
+    net = copy.deepcopy(module)
+    net.to(device)
+    net.eval()
+    net.requires_grad_(False)
+    return net
+
+
+def floating_dtype(module):
+    """The dtype of the module's first floating-point parameter or buffer, or None."""
+    for t in (*module.parameters(), *module.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
+def module_device(module):
+    for t in (*module.parameters(), *module.buffers()):
+        return t.device
+    return torch.device("cpu")
+
+
+def _input_batch(X, sl, device, dtype):
+    """A private copy of rows ``sl`` of X as a tensor on ``device``.
+
+    Floating inputs are cast to the extractor's dtype; the copy guarantees that an
+    in-place first layer can never write into the user's array.
+    """
+    if is_tensor(X):
+        xb = X[sl].detach()
+    else:
+        xb = torch.from_numpy(np.array(X[sl], copy=True, order="C"))
+    if dtype is not None and xb.is_floating_point():
+        return xb.to(device=device, dtype=dtype, copy=True)
+    return xb.to(device=device, copy=True)
+
+
+def iter_features(net, X, batch_size):
+    """Yield ``(slice, Z_batch)`` with ``Z_batch`` the flattened float64 features.
+
+    ``net`` is a frozen copy from :func:`frozen_copy`. Errors raised by the extractor are
+    re-raised as ValueError naming the input shape, chained to the original error.
+    """
+    n = X.shape[0]
+    device = module_device(net)
+    dtype = floating_dtype(net)
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(start + batch_size, n))
+            xb = _input_batch(X, sl, device, dtype)
+            try:
+                out = net(xb)
+            except Exception as err:
+                raise ValueError(
+                    f"The extractor {type(net).__name__} failed on a batch of shape "
+                    f"{tuple(xb.shape)} (dtype {xb.dtype}): {err}. Pass X of shape "
+                    "(n_samples, *input_shape) with the input shape the extractor expects."
+                ) from err
+            if not is_tensor(out):
+                raise TypeError(
+                    f"The extractor must return a tensor of features, got {type(out).__name__}; "
+                    "wrap it so that forward returns a single tensor."
+                )
+            if out.ndim == 0 or out.shape[0] != xb.shape[0]:
+                raise ValueError(
+                    f"The extractor returned shape {tuple(out.shape)} for a batch of "
+                    f"{xb.shape[0]} samples; its output must keep the batch dimension first."
+                )
+            Z = out.reshape(out.shape[0], -1).to(torch.float64).cpu().numpy()
+            if not np.isfinite(Z).all():
+                raise ValueError(
+                    "The extractor produced NaN or infinite features; check its weights and "
+                    "the scale and dtype of X (float16 overflows above 65504)."
+                )
+            yield sl, Z, out.dtype
