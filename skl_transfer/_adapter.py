@@ -189,10 +189,10 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
                 + " or a head with one output per column of y."
             )
         if n_features is not None and prior.n_features not in (None, n_features):
+            source = "the extractor produces" if self.extractor is not None else "X has"
             raise ValueError(
-                f"The head expects {prior.n_features} input features but the "
-                f"{'extractor produces' if self.extractor is not None else 'X has'} "
-                f"{n_features}; pass the head that follows this extractor."
+                f"The head expects {prior.n_features} input features but {source} {n_features}; "
+                "pass the head that belongs to these features (coef of shape (k, d))."
             )
 
     # -- features ---------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""Shared fixtures: seeding and tiny torch networks (all defined here, in one place)."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    np.random.seed(0)
+
+
+class CountingModule(nn.Module):
+    """Wraps a module and counts the samples (rows) it is called on."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("rows_seen", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.rows_seen += x.shape[0]
+        return self.inner(x)
+
+
+def make_body(n_in=5, n_hidden=16, *, dtype=torch.float64, batchnorm=True, seed=0):
+    """A small extractor with BatchNorm and Dropout, left in training mode like a user's model."""
+    g = torch.Generator().manual_seed(seed)
+    layers = [nn.Linear(n_in, n_hidden, dtype=dtype), nn.Tanh()]
+    if batchnorm:
+        layers.append(nn.BatchNorm1d(n_hidden, dtype=dtype))
+    layers += [nn.Dropout(0.5), nn.Linear(n_hidden, n_hidden, dtype=dtype), nn.ReLU()]
+    body = nn.Sequential(*layers)
+    with torch.no_grad():
+        for p in body.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.7)
+        if batchnorm:
+            body[2].running_mean.copy_(torch.randn(n_hidden, generator=g, dtype=dtype) * 0.1)
+            body[2].running_var.copy_(torch.rand(n_hidden, generator=g, dtype=dtype) + 0.5)
+    body.train()
+    return body
+
+
+def make_head(n_hidden=16, n_out=1, *, bias=True, dtype=torch.float64, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    head = nn.Linear(n_hidden, n_out, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+    return head
+
+
+def reference_features(body, X):
+    """Independent oracle: the user's module, copied, in eval mode, one plain forward."""
+    import copy
+
+    net = copy.deepcopy(body).eval()
+    with torch.no_grad():
+        Z = net(torch.as_tensor(X, dtype=next(net.parameters()).dtype))
+    return Z.reshape(Z.shape[0], -1).double().numpy()
+
+
+def head_arrays(head):
+    W0 = head.weight.detach().double().numpy()
+    b0 = None if head.bias is None else head.bias.detach().double().numpy()
+    return W0, b0

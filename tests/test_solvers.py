@@ -1,0 +1,92 @@
+"""Known-answer tests of the pure maths in skl_transfer._solvers (numpy oracles only)."""
+
+import numpy as np
+import pytest
+from numpy.testing import assert_allclose
+
+from skl_transfer import _solvers
+
+
+def _data(n, d, k, seed=0):
+    rng = np.random.default_rng(seed)
+    Z = rng.normal(size=(n, d)) + rng.normal(size=d)
+    Q = rng.normal(size=(n, k)) + Z @ rng.normal(size=(d, k))
+    s = rng.uniform(0.2, 3.0, size=n)
+    return Z, Q, s
+
+
+def _direct_ridge(Z, Q, s, alpha, fit_intercept):
+    """Oracle: the augmented least-squares system solved by numpy's lstsq."""
+    n, d = Z.shape
+    r = np.sqrt(s)[:, None]
+    if fit_intercept:
+        Za = np.hstack([Z, np.ones((n, 1))])
+        pen = np.hstack([np.sqrt(alpha) * np.eye(d), np.zeros((d, 1))])
+    else:
+        Za, pen = Z, np.sqrt(alpha) * np.eye(Z.shape[1])
+    A = np.vstack([r * Za, pen])
+    b = np.vstack([r * Q, np.zeros((d, Q.shape[1]))])
+    sol = np.linalg.lstsq(A, b, rcond=None)[0]
+    return (sol[:d], sol[d] if fit_intercept else np.zeros(Q.shape[1]))
+
+
+def test_merge_equals_moments_of_concatenation():
+    Z, Q, s = _data(300, 7, 3)
+    whole = _solvers.batch_moments(Z, Q, s)
+    merged = _solvers.batch_moments(Z[:1], Q[:1], s[:1])
+    for lo in range(1, 300, 37):
+        hi = min(lo + 37, 300)
+        merged = _solvers.merge_moments(merged, _solvers.batch_moments(Z[lo:hi], Q[lo:hi], s[lo:hi]))
+    for a, b in zip(whole, merged):
+        assert_allclose(a, b, rtol=1e-12, atol=1e-10)
+    # and the centred moments are what numpy says they are
+    mz = np.average(Z, axis=0, weights=s)
+    assert_allclose(whole.G, (Z - mz).T @ ((Z - mz) * s[:, None]), rtol=1e-12)
+
+
+def test_merge_with_zero_weight_batch_is_identity():
+    Z, Q, s = _data(20, 3, 2)
+    m = _solvers.batch_moments(Z, Q, s)
+    empty = _solvers.batch_moments(Z[:4], Q[:4], np.zeros(4))
+    for a, b in zip(m, _solvers.merge_moments(m, empty)):
+        assert_allclose(a, b)
+    for a, b in zip(m, _solvers.merge_moments(empty, m)):
+        assert_allclose(a, b)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("alpha", [0.3, 10.0])
+@pytest.mark.parametrize("n, d", [(200, 6), (5, 12)])
+def test_primal_and_dual_equal_direct_least_squares(n, d, alpha, fit_intercept):
+    Z, Q, s = _data(n, d, 2)
+    dWt_ref, db_ref = _direct_ridge(Z, Q, s, alpha, fit_intercept)
+    p = _solvers.ridge_primal(_solvers.batch_moments(Z, Q, s), alpha, fit_intercept)
+    q = _solvers.ridge_dual(Z, Q, s, alpha, fit_intercept)
+    for dWt, db, res in (p, q):
+        assert_allclose(dWt, dWt_ref, rtol=1e-9, atol=1e-11)
+        assert_allclose(db, db_ref, rtol=1e-9, atol=1e-11)
+        R = Q - Z @ dWt_ref - db_ref
+        assert_allclose(res, np.sum(s[:, None] * R**2), rtol=1e-7)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_alpha_zero_is_pinv_for_rank_deficient_features(fit_intercept):
+    rng = np.random.default_rng(3)
+    for n, d in [(40, 10), (6, 10)]:
+        Z = rng.normal(size=(n, d))
+        Z[:, 3] = Z[:, 1] * 2.0  # a duplicated direction
+        Z[:, 7] = 0.0  # a dead unit
+        Q = rng.normal(size=(n, 2))
+        s = np.ones(n)
+        Zc, Qc = (Z - Z.mean(0), Q - Q.mean(0)) if fit_intercept else (Z, Q)
+        ref = np.linalg.pinv(Zc) @ Qc
+        p = _solvers.ridge_primal(_solvers.batch_moments(Z, Q, s), 0.0, fit_intercept)[0]
+        q = _solvers.ridge_dual(Z, Q, s, 0.0, fit_intercept)[0]
+        for dWt in (p, q):
+            assert np.isfinite(dWt).all()
+            assert_allclose(dWt, ref, rtol=1e-7, atol=1e-8)
+
+
+def test_solve_gram_all_zero_matrix_gives_zero():
+    out = _solvers.solve_gram(np.zeros((3, 3)), np.ones((3, 2)), 0.0, 1e-12)
+    assert_allclose(out, 0.0)
