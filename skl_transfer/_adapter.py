@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import time
 from numbers import Integral, Real
 
@@ -14,7 +15,15 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _solvers
 from ._heads import AdaptedNetwork, as_prior, make_linear
-from ._torch import frozen_copy, iter_features, resolve_device, to_numpy
+from ._torch import (
+    accumulate_moments,
+    feature_batches,
+    frozen_copy,
+    gather_features,
+    linear_outputs,
+    resolve_device,
+    to_numpy,
+)
 from ._validation import check_input, check_sample_weight, check_target
 
 
@@ -155,9 +164,16 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
         if self.extractor is None:
             X = to_numpy(X)
             if y is None:
-                return validate_data(self, X, reset=reset, dtype=np.float64), None
+                return validate_data(self, X, reset=reset, dtype=np.float64, force_writeable=True), None
             X, y = validate_data(
-                self, X, to_numpy(y), reset=reset, multi_output=True, y_numeric=True, dtype=np.float64
+                self,
+                X,
+                to_numpy(y),
+                reset=reset,
+                multi_output=True,
+                y_numeric=True,
+                dtype=np.float64,
+                force_writeable=True,
             )
             return X, check_target(y, X.shape[0])
         X = check_input(X)
@@ -196,15 +212,6 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
             )
 
     # -- features ---------------------------------------------------------------------
-
-    def _feature_batches(self, net, X):
-        """Yield (slice, Z_batch float64, feature dtype) from the extractor or from X."""
-        if net is None:
-            for start in range(0, X.shape[0], self.batch_size):
-                sl = slice(start, start + self.batch_size)
-                yield sl, X[sl], torch.float64
-        else:
-            yield from iter_features(net, X, self.batch_size)
 
     def _runtime_extractor(self):
         """The fitted extractor on the requested device (cached, never pickled)."""
@@ -255,31 +262,27 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
 
         t0 = time.perf_counter()
         net = None if self.extractor is None else frozen_copy(self.extractor, device)
-        batches = self._feature_batches(net, X)
-        sl, Z, feature_dtype = next(batches)
-        d = Z.shape[1]
+        batches = feature_batches(net, X, self.batch_size)
+        first = next(batches)
+        d, feature_dtype = first[1].shape[1], first[2]
         self._check_prior(prior, Y.shape[1], d)
         W0 = np.zeros((Y.shape[1], d)) if prior.W0 is None else prior.W0
         b0 = np.zeros(Y.shape[1]) if prior.b0 is None else prior.b0
-
-        def residue(sl, Z):
-            return Y[sl] - Z @ W0.T - b0
+        batches = itertools.chain([first], batches)
 
         if n_samples >= d:
             self.solver_ = "primal"
-            moments = _solvers.batch_moments(Z, residue(sl, Z), s[sl])
-            for sl, Z, _ in batches:
-                moments = _solvers.merge_moments(moments, _solvers.batch_moments(Z, residue(sl, Z), s[sl]))
+            moments = accumulate_moments(batches, Y, s, W0, b0)
             t1 = time.perf_counter()
             dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, fit_intercept)
             residue_sq = _solvers.uncentred(moments)[2]
         else:
             self.solver_ = "dual"
-            Z = np.concatenate([Z] + [Zb for _, Zb, _ in batches])
-            Q = residue(slice(None), Z)
+            Z = gather_features(batches)
+            Q = Y - Z @ W0.T - b0
             t1 = time.perf_counter()
             dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, s, self.alpha, fit_intercept)
-            residue_sq = float(s @ np.einsum("ij,ij->i", Q, Q))
+            residue_sq = float(s @ (Q * Q).sum(1))
         t2 = time.perf_counter()
         if self.verbose:
             print(
@@ -321,15 +324,8 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
         check_is_fitted(self)
         X, _ = self._validate_X(X, reset=False)
         coef, intercept = self._coef_2d()
-        net = self._runtime_extractor()
-        out = np.empty((X.shape[0], coef.shape[0]))
-        for sl, Z, _ in self._feature_batches(net, X):
-            if Z.shape[1] != coef.shape[1]:
-                raise ValueError(
-                    f"The extractor produced {Z.shape[1]} features, but the head was fitted on "
-                    f"{coef.shape[1]}."
-                )
-            out[sl] = Z @ coef.T + intercept
+        batches = feature_batches(self._runtime_extractor(), X, self.batch_size)
+        out = linear_outputs(batches, X.shape[0], coef, intercept)
         return out[:, 0] if np.ndim(self.coef_) == 1 else out
 
     def to_module(self):

@@ -53,17 +53,20 @@ class Moments(NamedTuple):
 
 
 def batch_moments(Z, Q, s):
-    """Centred weighted moments of one batch (exact two-pass within the batch)."""
+    """Centred weighted moments of one batch (exact two-pass within the batch).
+
+    Written with array operators only, so that it runs on numpy arrays and, unchanged,
+    on float64 torch tensors on the extractor's device. A batch of zero total weight
+    gives zero moments (and merges as the identity).
+    """
     S = float(s.sum())
-    if S == 0.0:
-        d, k = Z.shape[1], Q.shape[1]
-        return Moments(0.0, np.zeros(d), np.zeros(k), np.zeros((d, d)), np.zeros((d, k)), 0.0)
-    mean_z = s @ Z / S
-    mean_q = s @ Q / S
+    scale = S if S > 0 else 1.0
+    mean_z = (s @ Z) / scale
+    mean_q = (s @ Q) / scale
     Zc = Z - mean_z
     Qc = Q - mean_q
     sZc = Zc * s[:, None]
-    return Moments(S, mean_z, mean_q, sZc.T @ Zc, sZc.T @ Qc, float(s @ np.einsum("ij,ij->i", Qc, Qc)))
+    return Moments(S, mean_z, mean_q, sZc.T @ Zc, sZc.T @ Qc, float(s @ (Qc * Qc).sum(1)))
 
 
 def merge_moments(a, b):
@@ -71,6 +74,7 @@ def merge_moments(a, b):
 
     With ``S = S_a + S_b`` and ``delta = m_b - m_a``: ``m = m_a + (S_b / S) delta`` and
     ``G = G_a + G_b + (S_a S_b / S) delta_z delta_z^T`` (likewise ``B`` and ``qq``).
+    Array operators only, like :func:`batch_moments`.
     """
     if a.weight == 0.0:
         return b
@@ -84,8 +88,8 @@ def merge_moments(a, b):
         S,
         a.mean_z + (b.weight / S) * dz,
         a.mean_q + (b.weight / S) * dq,
-        a.G + b.G + f * np.outer(dz, dz),
-        a.B + b.B + f * np.outer(dz, dq),
+        a.G + b.G + f * (dz[:, None] * dz[None, :]),
+        a.B + b.B + f * (dz[:, None] * dq[None, :]),
         a.qq + b.qq + f * float(dq @ dq),
     )
 

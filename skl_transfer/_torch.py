@@ -12,6 +12,8 @@ import copy
 import numpy as np
 import torch
 
+from . import _solvers
+
 
 def is_tensor(x):
     return isinstance(x, torch.Tensor)
@@ -86,41 +88,97 @@ def _input_batch(X, sl, device, dtype):
     return xb.to(device=device, copy=True)
 
 
-def iter_features(net, X, batch_size):
-    """Yield ``(slice, Z_batch)`` with ``Z_batch`` the flattened float64 features.
+def _forward(net, xb):
+    """One forward pass of the frozen copy; errors name the batch and keep the cause."""
+    try:
+        out = net(xb)
+    except Exception as err:
+        raise ValueError(
+            f"The extractor {type(net).__name__} failed on a batch of shape "
+            f"{tuple(xb.shape)} (dtype {xb.dtype}): {err}. Pass X of shape "
+            "(n_samples, *input_shape) with the input shape the extractor expects."
+        ) from err
+    if not is_tensor(out):
+        raise TypeError(
+            f"The extractor must return a tensor of features, got {type(out).__name__}; "
+            "wrap it so that forward returns a single tensor."
+        )
+    if out.ndim == 0 or out.shape[0] != xb.shape[0]:
+        raise ValueError(
+            f"The extractor returned shape {tuple(out.shape)} for a batch of "
+            f"{xb.shape[0]} samples; its output must keep the batch dimension first."
+        )
+    return out
 
-    ``net`` is a frozen copy from :func:`frozen_copy`. Errors raised by the extractor are
-    re-raised as ValueError naming the input shape, chained to the original error.
+
+def feature_batches(net, X, batch_size):
+    """Yield ``(slice, Z, dtype)``: flattened features as float64 tensors on the net's device.
+
+    ``net`` is a frozen copy from :func:`frozen_copy`, or None when X (a float64 numpy
+    array) already holds the features. ``dtype`` is the extractor's output dtype.
+    Features stay on the device: the work on them (moments, predictions) is done by torch
+    too, so torch's and numpy's thread pools never alternate batch by batch, which on a
+    few cores costs an order of magnitude.
     """
     n = X.shape[0]
-    device = module_device(net)
-    dtype = floating_dtype(net)
-    with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            sl = slice(start, min(start + batch_size, n))
-            xb = _input_batch(X, sl, device, dtype)
-            try:
-                out = net(xb)
-            except Exception as err:
-                raise ValueError(
-                    f"The extractor {type(net).__name__} failed on a batch of shape "
-                    f"{tuple(xb.shape)} (dtype {xb.dtype}): {err}. Pass X of shape "
-                    "(n_samples, *input_shape) with the input shape the extractor expects."
-                ) from err
-            if not is_tensor(out):
-                raise TypeError(
-                    f"The extractor must return a tensor of features, got {type(out).__name__}; "
-                    "wrap it so that forward returns a single tensor."
-                )
-            if out.ndim == 0 or out.shape[0] != xb.shape[0]:
-                raise ValueError(
-                    f"The extractor returned shape {tuple(out.shape)} for a batch of "
-                    f"{xb.shape[0]} samples; its output must keep the batch dimension first."
-                )
-            Z = out.reshape(out.shape[0], -1).to(torch.float64).cpu().numpy()
-            if not np.isfinite(Z).all():
+    if net is not None:
+        device, dtype = module_device(net), floating_dtype(net)
+    for start in range(0, n, batch_size):
+        sl = slice(start, min(start + batch_size, n))
+        if net is None:
+            yield sl, torch.from_numpy(X[sl]), torch.float64
+            continue
+        with torch.inference_mode():
+            out = _forward(net, _input_batch(X, sl, device, dtype))
+            Z = out.reshape(out.shape[0], -1).to(torch.float64)
+            if not bool(torch.isfinite(Z).all()):
                 raise ValueError(
                     "The extractor produced NaN or infinite features; check its weights and "
                     "the scale and dtype of X (float16 overflows above 65504)."
                 )
-            yield sl, Z, out.dtype
+        yield sl, Z, out.dtype
+
+
+def _as_device_arrays(device, *arrays):
+    return [torch.as_tensor(a, dtype=torch.float64, device=device) for a in arrays]
+
+
+def accumulate_moments(batches, Y, s, W0, b0):
+    """Moments of (Z, Q = Y - Z W0^T - b0) merged batch by batch, returned as numpy.
+
+    Memory is O(d^2 + batch): the n x d feature matrix is never formed.
+    """
+    moments = None
+    device = None
+    with torch.inference_mode():
+        for sl, Z, _ in batches:
+            if device is None:
+                device = Z.device
+                Yt, st, W0t, b0t = _as_device_arrays(device, Y, s, W0, b0)
+            Q = Yt[sl] - Z @ W0t.T - b0t
+            m = _solvers.batch_moments(Z, Q, st[sl])
+            moments = m if moments is None else _solvers.merge_moments(moments, m)
+    return _solvers.Moments(moments.weight, *(to_numpy(v) for v in moments[1:5]), moments.qq)
+
+
+def gather_features(batches):
+    """All features as one float64 numpy array (used when n_samples < d)."""
+    with torch.inference_mode():
+        return torch.cat([Z for _, Z, _ in batches]).cpu().numpy()
+
+
+def linear_outputs(batches, n_samples, coef, intercept):
+    """``Z coef^T + intercept`` for every batch, as a float64 numpy array (n_samples, k)."""
+    out = np.empty((n_samples, coef.shape[0]))
+    coef_t = None
+    with torch.inference_mode():
+        for sl, Z, _ in batches:
+            if coef_t is None:
+                coef_t, b_t = _as_device_arrays(Z.device, coef, intercept)
+            if Z.shape[1] != coef.shape[1]:
+                raise ValueError(
+                    f"The extractor produced {Z.shape[1]} features, but the head was fitted on "
+                    f"{coef.shape[1]}."
+                )
+            out[sl] = (Z @ coef_t.T + b_t).cpu().numpy()
+    return out

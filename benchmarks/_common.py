@@ -1,0 +1,93 @@
+"""Helpers shared by the benchmark scripts: data builders, networks, pretraining cache, timing, output.
+
+Benchmarks import only the public API of skl_transfer; what they share lives here, once.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+CACHE = HERE / ".cache"  # gitignored: pretrained weights
+
+
+def timeseries_setup(seed=937):
+    """Experiment 1 of the paper (PAPER.md): data and the untrained network.
+
+    Returns ``t, x, t_new, x_new, net``: source (t, x) and target (t~, x~), float32 arrays of
+    shape (2000, 1), with t = arange(-1, 1, 0.001) + 0.0005, x = sin(5 pi t),
+    t~ = t + 0.05 N(1.5, 0.8) and x~ = r x + 0.03 U(-1, 1), r = arange(1, 1.8, 0.0004); and
+    the 1 -> 64 (no bias, ReLU) -> 64 (bias, ReLU) -> 1 (no bias) network. As in the authors'
+    scripts, one generator seeded with 937 draws the data and then the initial weights.
+    The global torch random state is left as it was.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        t = torch.arange(-1, 1, 0.001).reshape(-1, 1) + 0.0005
+        x = torch.sin(5 * torch.pi * t)
+        n = t.shape[0]
+        dt = 0.05 * torch.normal(1.5, 0.8, size=(n, 1))
+        dx = 0.03 * (2 * torch.rand(size=(n, 1)) - 1)
+        r = torch.arange(1, 1.8, 0.0004).reshape(-1, 1)
+        net = nn.Sequential(
+            nn.Linear(1, 64, bias=False), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1, bias=False)
+        )
+    return t.numpy(), x.numpy(), (t + dt).numpy(), (r * x + dx).numpy(), net
+
+
+def pretrain(net, X, y, *, epochs, lr=1e-3, name=None):
+    """Full-batch Adam on the MSE; weights cached under benchmarks/.cache/<name>.pt."""
+    path = None if name is None else CACHE / f"{name}.pt"
+    if path is not None and path.exists():
+        net.load_state_dict(torch.load(path))
+        return net, True
+    X, y = torch.as_tensor(X), torch.as_tensor(y)
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    net.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(net(X), y)
+        loss.backward()
+        opt.step()
+    if path is not None:
+        CACHE.mkdir(exist_ok=True)
+        torch.save(net.state_dict(), path)
+    return net, False
+
+
+def predict_torch(net, X):
+    with torch.no_grad():
+        return net.eval()(torch.as_tensor(X)).numpy()
+
+
+def sse(y_true, y_pred):
+    return float(np.sum((np.reshape(y_true, -1) - np.reshape(y_pred, -1)) ** 2))
+
+
+def median_time(fn, repeats=5, warmup=1):
+    """Median wall time of fn() over repeats, after warm-up calls; returns (seconds, last result)."""
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
+
+
+def write_csv(name, rows):
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
