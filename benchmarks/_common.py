@@ -37,7 +37,11 @@ def timeseries_setup(seed=937):
         dx = 0.03 * (2 * torch.rand(size=(n, 1)) - 1)
         r = torch.arange(1, 1.8, 0.0004).reshape(-1, 1)
         net = nn.Sequential(
-            nn.Linear(1, 64, bias=False), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 1, bias=False)
+            nn.Linear(1, 64, bias=False),
+            nn.ReLU(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, 1, bias=False),
         )
     return t.numpy(), x.numpy(), (t + dt).numpy(), (r * x + dx).numpy(), net
 

@@ -14,13 +14,15 @@ import time
 
 import numpy as np
 import torch
-from _common import median_time, pretrain, predict_torch, sse, timeseries_setup
+from _common import median_time, predict_torch, pretrain, sse, timeseries_setup
 
 from skl_transfer import LayerVariationalAdapter
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="500 pretraining epochs, no cache")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
@@ -42,15 +44,24 @@ def main(argv=None):
     held = LayerVariationalAdapter(body, head, alpha=0.0).fit(t_new[train], x_new[train])
 
     rows = [
-        ("pretrained", sse(x_new, predict_torch(net, t_new)), sse(x_new[test], predict_torch(net, t_new[test]))),
+        (
+            "pretrained",
+            sse(x_new, predict_torch(net, t_new)),
+            sse(x_new[test], predict_torch(net, t_new[test])),
+        ),
         ("LVA (alpha=0)", sse(x_new, lva.predict(t_new)), sse(x_new[test], held.predict(t_new[test]))),
     ]
-    print(f"\ntarget-domain sum of squared errors (transferal residue {lva.residue_norm_:.2f} -> "
-          f"{lva.residual_norm_:.2f} after the update)")
+    print(
+        f"\ntarget-domain sum of squared errors (transferal residue {lva.residue_norm_:.2f} -> "
+        f"{lva.residual_norm_:.2f} after the update)"
+    )
     print(f"{'model':<16}{'SSE, 2000 pts (paper)':>24}{'SSE, 1000 held-out':>22}")
     for name, all_pts, held_out in rows:
         print(f"{name:<16}{all_pts:>24.1f}{held_out:>22.1f}")
-    print(f"\nLVA fit time: {fit_time * 1e3:.1f} ms, median of 5 fits (one forward pass + one {lva.solver_} solve)")
+    print(
+        f"\nLVA fit time: {fit_time * 1e3:.1f} ms, median of 5 fits "
+        f"(one forward pass + one {lva.solver_} solve)"
+    )
     return rows
 
 

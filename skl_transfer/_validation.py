@@ -39,9 +39,7 @@ def check_target(y, n_samples):
     if y.ndim > 2:
         raise ValueError(f"y must have shape (n_samples,) or (n_samples, k), got {y.shape}.")
     if y.shape[0] != n_samples:
-        raise ValueError(
-            f"X has {n_samples} samples but y has {y.shape[0]}; pass one target row per sample."
-        )
+        raise ValueError(f"X has {n_samples} samples but y has {y.shape[0]}; pass one target row per sample.")
     return y
 
 
@@ -53,13 +51,9 @@ def check_sample_weight(sample_weight, n_samples):
         sample_weight = np.full(n_samples, sample_weight, dtype=np.float64)
     s = check_array(to_numpy(sample_weight), ensure_2d=False, dtype=np.float64, input_name="sample_weight")
     if s.ndim != 1 or s.shape[0] != n_samples:
-        raise ValueError(
-            f"sample_weight.shape == {s.shape}, expected ({n_samples},): one weight per sample."
-        )
+        raise ValueError(f"sample_weight.shape == {s.shape}, expected ({n_samples},): one weight per sample.")
     if (s < 0).any():
-        raise ValueError(
-            f"Negative values in sample_weight (min {s.min():g}); weights must be >= 0."
-        )
+        raise ValueError(f"Negative values in sample_weight (min {s.min():g}); weights must be >= 0.")
     if not s.sum() > 0:
         raise ValueError("sample_weight sums to zero; give at least one sample a positive weight.")
     return s

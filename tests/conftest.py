@@ -1,6 +1,5 @@
 """Shared fixtures: seeding and tiny torch networks (all defined here, in one place)."""
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -9,7 +8,6 @@ from torch import nn
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-    np.random.seed(0)
 
 
 class CountingModule(nn.Module):

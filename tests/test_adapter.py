@@ -419,7 +419,9 @@ def test_head_feature_mismatch_is_caught_after_first_batch_only():
 def test_extractor_rejecting_X_is_wrapped_and_chained():
     body = make_body()
     X, y = _target(20, n_in=3)  # body expects 5 inputs
-    with pytest.raises(ValueError, match=r"extractor Sequential failed on a batch of shape \(20, 3\)") as info:
+    with pytest.raises(
+        ValueError, match=r"extractor Sequential failed on a batch of shape \(20, 3\)"
+    ) as info:
         LayerVariationalAdapter(body, make_head()).fit(X, y)
     assert isinstance(info.value.__cause__, RuntimeError)
 

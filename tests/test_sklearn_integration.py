@@ -26,7 +26,9 @@ def _data(n=120, seed=0):
 def _sequential_body():
     # built from torch's own layers so that loky workers can unpickle it without test modules
     torch.manual_seed(3)
-    return nn.Sequential(nn.Linear(5, 16, dtype=torch.float64), nn.Tanh(), nn.Linear(16, 16, dtype=torch.float64))
+    return nn.Sequential(
+        nn.Linear(5, 16, dtype=torch.float64), nn.Tanh(), nn.Linear(16, 16, dtype=torch.float64)
+    )
 
 
 def test_pipeline_with_scaler_equals_ridge_pipeline():

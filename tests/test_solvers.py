@@ -37,7 +37,7 @@ def test_merge_equals_moments_of_concatenation():
     for lo in range(1, 300, 37):
         hi = min(lo + 37, 300)
         merged = _solvers.merge_moments(merged, _solvers.batch_moments(Z[lo:hi], Q[lo:hi], s[lo:hi]))
-    for a, b in zip(whole, merged):
+    for a, b in zip(whole, merged, strict=True):
         assert_allclose(a, b, rtol=1e-12, atol=1e-10)
     # and the centred moments are what numpy says they are
     mz = np.average(Z, axis=0, weights=s)
@@ -48,9 +48,9 @@ def test_merge_with_zero_weight_batch_is_identity():
     Z, Q, s = _data(20, 3, 2)
     m = _solvers.batch_moments(Z, Q, s)
     empty = _solvers.batch_moments(Z[:4], Q[:4], np.zeros(4))
-    for a, b in zip(m, _solvers.merge_moments(m, empty)):
+    for a, b in zip(m, _solvers.merge_moments(m, empty), strict=True):
         assert_allclose(a, b)
-    for a, b in zip(m, _solvers.merge_moments(empty, m)):
+    for a, b in zip(m, _solvers.merge_moments(empty, m), strict=True):
         assert_allclose(a, b)
 
 
