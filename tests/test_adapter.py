@@ -449,3 +449,22 @@ def test_predict_errors():
     flat = LayerVariationalAdapter(alpha=1.0).fit(X, y)
     with pytest.raises(ValueError, match="X has 4 features, but LayerVariationalAdapter is expecting 5"):
         flat.predict(X[:, :4])
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5])
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_primal_and_dual_paths_agree(alpha, fit_intercept):
+    # The same problem twice: 20 samples with d = 16 features (primal), and with 8 zero
+    # features appended, d = 24 > 20 (dual). Zero features get zero update in both solutions.
+    X, y = _target(20, n_in=16, k=2)
+    W0 = np.random.default_rng(5).normal(size=(2, 16))
+    Xpad = np.hstack([X, np.zeros((20, 8))])
+    W0pad = np.hstack([W0, np.zeros((2, 8))])
+    kw = dict(alpha=alpha, fit_intercept=fit_intercept)
+    primal = LayerVariationalAdapter(head=(W0, np.ones(2)), **kw).fit(X, y)
+    dual = LayerVariationalAdapter(head=(W0pad, np.ones(2)), **kw).fit(Xpad, y)
+    assert (primal.solver_, dual.solver_) == ("primal", "dual")
+    assert_allclose(dual.coef_[:, :16], primal.coef_, rtol=1e-8, atol=1e-10)
+    assert_allclose(dual.coef_[:, 16:], 0.0, atol=1e-12)
+    assert_allclose(dual.intercept_, primal.intercept_, rtol=1e-8, atol=1e-10)
+    assert_allclose(dual.residual_norm_, primal.residual_norm_, rtol=1e-6, atol=1e-8)
