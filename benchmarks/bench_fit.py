@@ -103,7 +103,7 @@ def main(argv=None):
     for key, label in (
         ("lva_s", "LayerVariationalAdapter"),
         ("ridge_script_s", "forward + Ridge script"),
-        ("pinv_script_s", "forward + pinv script (alpha=0)"),
+        ("pinv_script_s", "forward + pinv script"),
     ):
         for alpha, style in ((0.0, "o-"), (1.0, "s--")):
             pts = [(r["n"], r[key]) for r in rows if r["alpha"] == alpha and np.isfinite(r[key])]
