@@ -183,3 +183,138 @@ def ridge_dual(Z, Q, s, alpha, fit_intercept, rtol=None):
     residual = R - A @ dWt
     db = mean_q - mean_z @ dWt if fit_intercept else np.zeros(Q.shape[1])
     return dWt, db, float(np.vdot(residual, residual))
+
+
+# -- many alphas and many folds at the cost of one decomposition each ---------------------
+
+
+def subtract_moments(total, part):
+    """Moments of the rows of ``total`` that are not in ``part`` (the inverse of a merge).
+
+    With ``S_a = S - S_b``: ``m_a = (S m - S_b m_b) / S_a`` and
+    ``G_a = G - G_b - (S_a S_b / S) (m_b - m_a)(m_b - m_a)^T`` (likewise ``B`` and ``qq``).
+    """
+    S = total.weight - part.weight
+    if S <= 1e-12 * total.weight:
+        d, k = total.B.shape
+        return Moments(0.0, np.zeros(d), np.zeros(k), np.zeros((d, d)), np.zeros((d, k)), 0.0)
+    mean_z = (total.weight * total.mean_z - part.weight * part.mean_z) / S
+    mean_q = (total.weight * total.mean_q - part.weight * part.mean_q) / S
+    dz = part.mean_z - mean_z
+    dq = part.mean_q - mean_q
+    f = S * part.weight / total.weight
+    return Moments(
+        S,
+        mean_z,
+        mean_q,
+        total.G - part.G - f * np.outer(dz, dz),
+        total.B - part.B - f * np.outer(dz, dq),
+        total.qq - part.qq - f * float(dq @ dq),
+    )
+
+
+class Spectral(NamedTuple):
+    """``A = V diag(e) V^T`` with the mask of eigenvalues kept at ``alpha = 0``."""
+
+    e: np.ndarray
+    V: np.ndarray
+    keep: np.ndarray
+
+    def weights(self, alpha):
+        """Diagonal of ``(A + alpha I)^{-1}`` (pseudo-inverse at ``alpha = 0``) in the eigenbasis."""
+        if alpha > 0:
+            return 1.0 / (self.e + alpha)
+        w = np.zeros_like(self.e)
+        w[self.keep] = 1.0 / self.e[self.keep]
+        return w
+
+
+def spectral(A, rtol=None):
+    """Eigendecomposition of a symmetric positive semi-definite matrix, negative rounding clipped."""
+    if rtol is None:
+        rtol = _default_rtol(A.shape)
+    e, V = linalg.eigh(A, check_finite=False)
+    e = np.clip(e, 0.0, None)
+    e_max = e[-1] if e.size else 0.0
+    return Spectral(e, V, e > rtol * e_max if e_max > 0 else np.zeros(e.shape, dtype=bool))
+
+
+def _centre(Z, Q, s, fit_intercept):
+    if not fit_intercept:
+        return Z, Q, np.zeros(Z.shape[1]), np.zeros(Q.shape[1])
+    S = s.sum()
+    mean_z, mean_q = s @ Z / S, s @ Q / S
+    return Z - mean_z, Q - mean_q, mean_z, mean_q
+
+
+def kfold_path(Z, Q, s, folds, alphas, fit_intercept):
+    """Held-out predictions of the residue for every fold and every alpha.
+
+    Yields ``(fold, j, Q_pred)``: ``Q_pred`` (n_test, k) predicts ``Q[test]`` with the update
+    fitted on ``train`` with ``alphas[j]``. Per fold: when ``n_train >= d``, the training
+    moments are the whole-data moments minus the held-out ones (no pass over the training
+    rows), one eigendecomposition of ``G``, then ``O(d^2 k + n_test d k)`` per alpha; otherwise
+    the dual: one eigendecomposition of the ``n_train x n_train`` kernel.
+    """
+    total = batch_moments(Z, Q, s)
+    d = Z.shape[1]
+    for fold, (train, test) in enumerate(folds):
+        Zte = Z[test]
+        if len(train) >= d:
+            m = subtract_moments(total, batch_moments(Zte, Q[test], s[test]))
+            if fit_intercept:
+                G, B = m.G, m.B
+            else:
+                G, B = uncentred(m)[:2]
+            sp = spectral(G)
+            VtB = sp.V.T @ B
+            if fit_intercept:
+                ZteV = (Zte - m.mean_z) @ sp.V
+                offset = m.mean_q
+            else:
+                ZteV, offset = Zte @ sp.V, 0.0
+            for j, alpha in enumerate(alphas):
+                yield fold, j, ZteV @ (sp.weights(alpha)[:, None] * VtB) + offset
+        else:
+            Ztr, Qtr, str_ = Z[train], Q[train], s[train]
+            Zc, Qc, mean_z, mean_q = _centre(Ztr, Qtr, str_, fit_intercept)
+            r = np.sqrt(str_)[:, None]
+            A, R = r * Zc, r * Qc
+            sp = spectral(A @ A.T, _default_rtol(Ztr.shape))
+            WtR = sp.V.T @ R
+            cross = (Zte - mean_z) @ A.T @ sp.V  # test rows against the training kernel basis
+            for j, alpha in enumerate(alphas):
+                yield fold, j, cross @ (sp.weights(alpha)[:, None] * WtR) + mean_q
+
+
+def loo_path(Z, Q, s, alphas, fit_intercept):
+    """Leave-one-out predictions of the residue for every alpha (all alphas > 0).
+
+    Yields ``(j, Q_loo)`` where row i of ``Q_loo`` (n, k) is the prediction of ``q_i`` by the
+    update fitted on all other rows. With the hat-matrix diagonal of the weighted problem,
+    ``h_i = s_i (1/S + z_ci^T (G + alpha I)^{-1} z_ci)`` (the ``1/S`` term only with an
+    intercept), the leave-one-out residual is ``r_i / (1 - h_i)`` (Sherman-Morrison).
+    One eigendecomposition (of ``G``, or of the kernel when n < d), then ``O(n d k)`` per alpha.
+    """
+    n, d = Z.shape
+    Zc, Qc, mean_z, mean_q = _centre(Z, Q, s, fit_intercept)
+    r = np.sqrt(s)[:, None]
+    base = s / s.sum() if fit_intercept else np.zeros(n)
+    if n >= d:
+        A = r * Zc
+        sp = spectral(A.T @ A)
+        U = Zc @ sp.V  # fitted values are U diag(w) V^T B
+        UtR = sp.V.T @ (A.T @ (r * Qc))
+        U2s = (U * U) * s[:, None]
+    else:
+        A = r * Zc
+        sp = spectral(A @ A.T, _default_rtol(Z.shape))
+        U = Zc @ (A.T @ sp.V)  # fitted values Z_c dW^T = Z_c A^T V diag(w) V^T R
+        UtR = sp.V.T @ (r * Qc)
+        U2s = sp.V * sp.V * sp.e
+    for j, alpha in enumerate(alphas):
+        w = sp.weights(alpha)
+        fitted = U @ (w[:, None] * UtR)
+        h = base + U2s @ w
+        resid = (Qc - fitted) / (1.0 - h)[:, None]
+        yield j, Q - resid

@@ -90,3 +90,55 @@ def test_alpha_zero_is_pinv_for_rank_deficient_features(fit_intercept):
 def test_solve_gram_all_zero_matrix_gives_zero():
     out = _solvers.solve_gram(np.zeros((3, 3)), np.ones((3, 2)), 0.0, 1e-12)
     assert_allclose(out, 0.0)
+
+
+def _brute_force(Z, Q, s, train, alpha, fit_intercept):
+    """Oracle on the training rows: the augmented least-squares solve, or at alpha = 0 with an
+    intercept, numpy's pinv of the weighted, centred features (the minimum-norm dW with a free,
+    unpenalised bias, which lstsq on the augmented system would not give when n < d)."""
+    Z, Q, s = Z[train], Q[train], s[train]
+    if alpha == 0 and fit_intercept:
+        mz, mq = np.average(Z, axis=0, weights=s), np.average(Q, axis=0, weights=s)
+        r = np.sqrt(s)[:, None]
+        dWt = np.linalg.pinv(r * (Z - mz)) @ (r * (Q - mq))
+        return dWt, mq - mz @ dWt
+    return _direct_ridge(Z, Q, s, alpha, fit_intercept)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+def test_subtract_moments_inverts_merge(fit_intercept):
+    Z, Q, s = _data(90, 5, 2)
+    a = _solvers.batch_moments(Z[:60], Q[:60], s[:60])
+    b = _solvers.batch_moments(Z[60:], Q[60:], s[60:])
+    back = _solvers.subtract_moments(_solvers.merge_moments(a, b), b)
+    for x, y in zip(a, back, strict=True):
+        assert_allclose(x, y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("n, d", [(60, 6), (9, 14)])  # primal folds, dual folds
+def test_kfold_path_equals_brute_force(n, d, fit_intercept):
+    Z, Q, s = _data(n, d, 2, seed=4)
+    s[1] = 0.0
+    folds = [(np.setdiff1d(np.arange(n), te), te) for te in np.array_split(np.arange(n), 3)]
+    alphas = [0.0, 0.05, 3.0]
+    seen = 0
+    for fold, j, pred in _solvers.kfold_path(Z, Q, s, folds, alphas, fit_intercept):
+        train, test = folds[fold]
+        dWt, db = _brute_force(Z, Q, s, train, alphas[j], fit_intercept)
+        assert_allclose(pred, Z[test] @ dWt + db, rtol=1e-7, atol=1e-8)
+        seen += 1
+    assert seen == 9
+
+
+@pytest.mark.parametrize("fit_intercept", [True, False])
+@pytest.mark.parametrize("n, d", [(40, 6), (8, 12)])
+def test_loo_path_equals_brute_force(n, d, fit_intercept):
+    Z, Q, s = _data(n, d, 2, seed=5)
+    s[2] = 0.0  # a zero-weight sample: its own removal changes nothing
+    alphas = [0.1, 2.0]
+    loo = dict(_solvers.loo_path(Z, Q, s, alphas, fit_intercept))
+    for j, alpha in enumerate(alphas):
+        for i in range(n):
+            dWt, db = _brute_force(Z, Q, s, np.arange(n) != i, alpha, fit_intercept)
+            assert_allclose(loo[j][i], Z[i] @ dWt + db, rtol=1e-8, atol=1e-9)
