@@ -160,7 +160,12 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
     # -- validation -------------------------------------------------------------------
 
     def _validate_X(self, X, *, reset, y=None):
-        """Validate X (and y in fit). Returns (X, y); y is None in predict."""
+        """Validate X (and y in fit). Returns (X, y); y is None in predict.
+
+        Without an extractor, ``validate_data`` records ``n_features_in_`` (and feature names)
+        as in every sklearn estimator; with one, the input attributes are set at the end of a
+        successful fit by :meth:`_record_input`.
+        """
         if self.extractor is None:
             X = to_numpy(X)
             if y is None:
@@ -177,19 +182,24 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
             )
             return X, check_target(y, X.shape[0])
         X = check_input(X)
-        if reset:
-            self.input_shape_ = tuple(X.shape[1:])
-            if X.ndim == 2:
-                self.n_features_in_ = X.shape[1]
-            elif hasattr(self, "n_features_in_"):
-                del self.n_features_in_
-        elif tuple(X.shape[1:]) != self.input_shape_:
+        if not reset and tuple(X.shape[1:]) != self.input_shape_:
             raise ValueError(
                 f"X has per-sample shape {tuple(X.shape[1:])}, but {type(self).__name__} was "
                 f"fitted on inputs of shape {self.input_shape_}; pass X of shape "
                 f"(n_samples, {', '.join(map(str, self.input_shape_))})."
             )
         return X, (None if y is None else check_target(y, X.shape[0]))
+
+    def _record_input(self, X):
+        self.input_shape_ = tuple(X.shape[1:])
+        if self.extractor is None:
+            return
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_  # left by an earlier fit without an extractor
+        if X.ndim == 2:
+            self.n_features_in_ = X.shape[1]
+        elif hasattr(self, "n_features_in_"):
+            del self.n_features_in_
 
     def _resolve_fit_intercept(self, prior):
         if self.fit_intercept != "auto":
@@ -266,6 +276,9 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
         first = next(batches)
         d, feature_dtype = first[1].shape[1], first[2]
         self._check_prior(prior, Y.shape[1], d)
+        rtol = _solvers.gram_rtol(
+            (n_samples, d), torch.finfo(feature_dtype).eps if feature_dtype.is_floating_point else 0.0
+        )
         W0 = np.zeros((Y.shape[1], d)) if prior.W0 is None else prior.W0
         b0 = np.zeros(Y.shape[1]) if prior.b0 is None else prior.b0
         batches = itertools.chain([first], batches)
@@ -274,14 +287,14 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
             self.solver_ = "primal"
             moments = accumulate_moments(batches, Y, s, W0, b0)
             t1 = time.perf_counter()
-            dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, fit_intercept)
+            dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, fit_intercept, rtol)
             residue_sq = _solvers.uncentred(moments)[2]
         else:
             self.solver_ = "dual"
             Z = gather_features(batches)
             Q = Y - Z @ W0.T - b0
             t1 = time.perf_counter()
-            dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, s, self.alpha, fit_intercept)
+            dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, s, self.alpha, fit_intercept, rtol)
             residue_sq = float(s @ (Q * Q).sum(1))
         t2 = time.perf_counter()
         if self.verbose:
@@ -300,6 +313,7 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
         self.fit_intercept_ = fit_intercept
         self.residue_norm_ = float(np.sqrt(residue_sq))
         self.residual_norm_ = float(np.sqrt(residual_sq))
+        self._record_input(X)
         self.extractor_ = None if net is None else net.to("cpu")
         self._extractor_on_device = None
         self._head_dtype = torch.promote_types(torch.promote_types(prior.dtype, feature_dtype), torch.float32)
@@ -343,6 +357,9 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
         head = make_linear(coef, intercept if self._has_bias else None, self._head_dtype)
         extractor = None if self.extractor_ is None else copy.deepcopy(self.extractor_)
         return AdaptedNetwork(extractor, head).eval().requires_grad_(False)
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "coef_")
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

@@ -13,7 +13,7 @@ import torch
 from sklearn.utils import check_array
 from torch import nn
 
-from ._torch import to_numpy
+from ._torch import floating_dtype, to_numpy
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,11 @@ def as_prior(head):
     if head is None:
         return Prior(None, None)
     if isinstance(head, nn.Linear):
+        if nn.parameter.is_lazy(head.weight):
+            raise TypeError(
+                f"head={type(head).__name__} is not initialised yet; run one forward pass of the "
+                "network (or use nn.Linear with explicit in_features) before adapting it."
+            )
         W0 = head.weight.detach().to("cpu", torch.float64).numpy().copy()
         b0 = None if head.bias is None else head.bias.detach().to("cpu", torch.float64).numpy().copy()
         return Prior(W0, b0, head.weight.dtype)
@@ -57,6 +62,8 @@ def as_prior(head):
             f"{type(head).__name__}. Pass e.g. head=(W0, b0) with W0 of shape (k, d)."
         )
     coef, intercept = (to_numpy(h) for h in head)
+    if coef is None:
+        raise TypeError("head=(coef, intercept) needs coef, an array of shape (k, d) or (d,); got None.")
     W0 = check_array(coef, ensure_2d=False, dtype=np.float64, input_name="head coef", copy=True)
     if W0.ndim == 1:
         W0 = W0[None, :]
@@ -80,9 +87,10 @@ def as_prior(head):
 class AdaptedNetwork(nn.Module):
     """The extractor followed by the adapted linear head.
 
-    ``forward(x) = head(flatten(extractor(x)))``; the features are cast to the head's dtype,
-    so a half-precision extractor can feed a float32 head. The output has shape
-    ``(n_samples, k)`` as the torch layer it replaces.
+    ``forward(x) = head(flatten(extractor(x)))``. Floating inputs are cast to the extractor's
+    dtype (as ``predict`` does) and features to the head's dtype, so a half-precision
+    extractor can take float32 inputs and feed a float32 head. The output has shape
+    ``(n_samples, k)``, as the torch layer it replaces.
     """
 
     def __init__(self, extractor, head):
@@ -91,6 +99,9 @@ class AdaptedNetwork(nn.Module):
         self.head = head
 
     def forward(self, x):
+        dtype = floating_dtype(self.extractor)
+        if dtype is not None and x.is_floating_point():
+            x = x.to(dtype)
         z = self.extractor(x).flatten(1)
         return self.head(z.to(self.head.weight.dtype))
 

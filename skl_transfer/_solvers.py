@@ -104,36 +104,53 @@ def uncentred(m):
     )
 
 
-def _default_rtol(shape):
-    # Eigenvalues of a Gram matrix are squared singular values; entries carry float64
-    # rounding of order eps * trace, so eigenvalues below max(n, d) * eps * e_max are noise.
-    return max(shape) * np.finfo(np.float64).eps
+def gram_rtol(shape, feature_eps=0.0):
+    """Relative threshold below which eigenvalues of a Gram matrix are treated as zero.
 
-
-def solve_gram(A, R, alpha, rtol):
-    """Solve ``(A + alpha I) X = R`` for a symmetric positive semi-definite ``A``.
-
-    ``alpha > 0``: Cholesky (eigendecomposition if rounding makes it fail).
-    ``alpha = 0``: ``X = pinv(A) R`` through ``A = V diag(e) V^T``, eigenvalues
-    ``e <= rtol * max(e)`` treated as zero (minimum-norm solution, never inf or NaN).
-
+    ``shape`` is the (n, d) shape of the feature matrix. Eigenvalues are squared singular
+    values: float64 accumulation leaves noise of order ``max(n, d) * eps64 * e_max`` in them,
+    and features computed in a lower precision (relative rounding ``feature_eps``) noise of
+    order ``max(n, d) * feature_eps^2 * e_max``. Feature directions weaker than
+    ``sqrt(rtol) * sigma_max`` cannot be told from that noise and are treated as absent.
     """
-    n = A.shape[0]
-    if alpha > 0:
-        try:
-            c = linalg.cho_factor(A + alpha * np.eye(n), lower=True, check_finite=False)
-            return linalg.cho_solve(c, R, check_finite=False)
-        except linalg.LinAlgError:
-            pass
+    return max(shape) * max(np.finfo(np.float64).eps, feature_eps**2)
+
+
+class Spectral(NamedTuple):
+    """``A = V diag(e) V^T`` with the mask of eigenvalues above the noise threshold."""
+
+    e: np.ndarray
+    V: np.ndarray
+    keep: np.ndarray
+
+    def weights(self, alpha):
+        """Diagonal of ``(A + alpha I)^{-1}`` in the eigenbasis, restricted to the kept
+        eigenvalues (the pseudo-inverse at ``alpha = 0``). Directions at the noise level get
+        weight 0 for every alpha, so the solution is continuous as alpha -> 0."""
+        w = np.zeros_like(self.e)
+        w[self.keep] = 1.0 / (self.e[self.keep] + alpha)
+        return w
+
+
+def spectral(A, rtol=None):
+    """Eigendecomposition of a symmetric positive semi-definite matrix, negative rounding clipped."""
+    if rtol is None:
+        rtol = gram_rtol(A.shape)
     e, V = linalg.eigh(A, check_finite=False)
-    e_max = e[-1] if n else 0.0
-    keep = e > rtol * e_max if e_max > 0 else np.zeros(n, dtype=bool)
-    inv = np.zeros_like(e)
-    if alpha > 0:
-        inv = 1.0 / (np.clip(e, 0.0, None) + alpha)
-    else:
-        inv[keep] = 1.0 / e[keep]
-    return V @ (inv[:, None] * (V.T @ R))
+    e = np.clip(e, 0.0, None)
+    e_max = e[-1] if e.size else 0.0
+    return Spectral(e, V, e > rtol * e_max if e_max > 0 else np.zeros(e.shape, dtype=bool))
+
+
+def solve_gram(A, R, alpha, rtol=None):
+    """``X = (A + alpha I)^+ R`` for a symmetric positive semi-definite ``A``.
+
+    Through ``A = V diag(e) V^T``: ``X = V diag(1 / (e + alpha)) V^T R`` over the eigenvalues
+    above ``rtol * max(e)``, the others treated as zero; at ``alpha = 0`` this is
+    ``pinv(A) R``, the minimum-norm solution, never inf or NaN.
+    """
+    sp = spectral(A, rtol)
+    return sp.V @ (sp.weights(alpha)[:, None] * (sp.V.T @ R))
 
 
 def ridge_primal(moments, alpha, fit_intercept, rtol=None):
@@ -143,14 +160,14 @@ def ridge_primal(moments, alpha, fit_intercept, rtol=None):
     when the intercept is fitted; uncentred moments and ``db = 0`` otherwise.
 
     Returns ``(dWt, db, residual_sq)`` where ``residual_sq`` is the weighted
-    squared residual ``qq - 2 tr(dW B) + tr(dW G dW^T)`` after the update.
+    squared residual ``qq - 2 tr(dW B) + tr(dW G dW^T)`` after the update. Computed from the
+    moments, it is exact up to cancellation: about ``eps * qq`` in absolute terms, so a
+    near-zero residual reads as 0.
     """
     if fit_intercept:
         G, B, qq = moments.G, moments.B, moments.qq
     else:
         G, B, qq = uncentred(moments)
-    if rtol is None:
-        rtol = _default_rtol(G.shape)
     dWt = solve_gram(G, B, alpha, rtol)
     residual_sq = qq - 2.0 * np.vdot(dWt, B) + np.vdot(dWt, G @ dWt)
     db = moments.mean_q - moments.mean_z @ dWt if fit_intercept else np.zeros(B.shape[1])
@@ -176,8 +193,6 @@ def ridge_dual(Z, Q, s, alpha, fit_intercept, rtol=None):
     r = np.sqrt(s)[:, None]
     A, R = r * Zc, r * Qc
     K = A @ A.T
-    if rtol is None:
-        rtol = _default_rtol(Z.shape)
     c = solve_gram(K, R, alpha, rtol)
     dWt = A.T @ c
     residual = R - A @ dWt
@@ -213,32 +228,6 @@ def subtract_moments(total, part):
     )
 
 
-class Spectral(NamedTuple):
-    """``A = V diag(e) V^T`` with the mask of eigenvalues kept at ``alpha = 0``."""
-
-    e: np.ndarray
-    V: np.ndarray
-    keep: np.ndarray
-
-    def weights(self, alpha):
-        """Diagonal of ``(A + alpha I)^{-1}`` (pseudo-inverse at ``alpha = 0``) in the eigenbasis."""
-        if alpha > 0:
-            return 1.0 / (self.e + alpha)
-        w = np.zeros_like(self.e)
-        w[self.keep] = 1.0 / self.e[self.keep]
-        return w
-
-
-def spectral(A, rtol=None):
-    """Eigendecomposition of a symmetric positive semi-definite matrix, negative rounding clipped."""
-    if rtol is None:
-        rtol = _default_rtol(A.shape)
-    e, V = linalg.eigh(A, check_finite=False)
-    e = np.clip(e, 0.0, None)
-    e_max = e[-1] if e.size else 0.0
-    return Spectral(e, V, e > rtol * e_max if e_max > 0 else np.zeros(e.shape, dtype=bool))
-
-
 def _centre(Z, Q, s, fit_intercept):
     if not fit_intercept:
         return Z, Q, np.zeros(Z.shape[1]), np.zeros(Q.shape[1])
@@ -247,7 +236,7 @@ def _centre(Z, Q, s, fit_intercept):
     return Z - mean_z, Q - mean_q, mean_z, mean_q
 
 
-def kfold_path(Z, Q, s, folds, alphas, fit_intercept):
+def kfold_path(Z, Q, s, folds, alphas, fit_intercept, rtol=None):
     """Held-out predictions of the residue for every fold and every alpha.
 
     Yields ``(fold, j, Q_pred)``: ``Q_pred`` (n_test, k) predicts ``Q[test]`` with the update
@@ -266,7 +255,7 @@ def kfold_path(Z, Q, s, folds, alphas, fit_intercept):
                 G, B = m.G, m.B
             else:
                 G, B = uncentred(m)[:2]
-            sp = spectral(G)
+            sp = spectral(G, rtol)
             VtB = sp.V.T @ B
             if fit_intercept:
                 ZteV = (Zte - m.mean_z) @ sp.V
@@ -280,14 +269,14 @@ def kfold_path(Z, Q, s, folds, alphas, fit_intercept):
             Zc, Qc, mean_z, mean_q = _centre(Ztr, Qtr, str_, fit_intercept)
             r = np.sqrt(str_)[:, None]
             A, R = r * Zc, r * Qc
-            sp = spectral(A @ A.T, _default_rtol(Ztr.shape))
+            sp = spectral(A @ A.T, rtol)
             WtR = sp.V.T @ R
             cross = (Zte - mean_z) @ A.T @ sp.V  # test rows against the training kernel basis
             for j, alpha in enumerate(alphas):
                 yield fold, j, cross @ (sp.weights(alpha)[:, None] * WtR) + mean_q
 
 
-def loo_path(Z, Q, s, alphas, fit_intercept):
+def loo_path(Z, Q, s, alphas, fit_intercept, rtol=None):
     """Leave-one-out predictions of the residue for every alpha (all alphas > 0).
 
     Yields ``(j, Q_loo)`` where row i of ``Q_loo`` (n, k) is the prediction of ``q_i`` by the
@@ -302,13 +291,13 @@ def loo_path(Z, Q, s, alphas, fit_intercept):
     base = s / s.sum() if fit_intercept else np.zeros(n)
     if n >= d:
         A = r * Zc
-        sp = spectral(A.T @ A)
+        sp = spectral(A.T @ A, rtol)
         U = Zc @ sp.V  # fitted values are U diag(w) V^T B
         UtR = sp.V.T @ (A.T @ (r * Qc))
         U2s = (U * U) * s[:, None]
     else:
         A = r * Zc
-        sp = spectral(A @ A.T, _default_rtol(Z.shape))
+        sp = spectral(A @ A.T, rtol)
         U = Zc @ (A.T @ sp.V)  # fitted values Z_c dW^T = Z_c A^T V diag(w) V^T R
         UtR = sp.V.T @ (r * Qc)
         U2s = sp.V * sp.V * sp.e

@@ -22,7 +22,10 @@ def is_tensor(x):
 def to_numpy(x):
     """A CPU numpy view or copy of ``x`` if it is a tensor; ``x`` unchanged otherwise."""
     if is_tensor(x):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.dtype == torch.bfloat16:  # no numpy equivalent; float32 holds it exactly
+            x = x.float()
+        return x.numpy()
     return x
 
 
@@ -52,7 +55,14 @@ def frozen_copy(module, device):
     The user's module is only read (deep-copied): its weights, training flag, device,
     dtype and requires_grad flags stay as they were.
     """
-    net = copy.deepcopy(module)
+    try:
+        net = copy.deepcopy(module)
+    except Exception as err:
+        raise ValueError(
+            f"Could not copy the extractor {type(module).__name__} ({err}); the estimator works on "
+            "a private copy so as never to modify yours. Make the module deep-copyable (for "
+            "weight norm, use torch.nn.utils.parametrizations.weight_norm)."
+        ) from err
     net.to(device)
     net.eval()
     net.requires_grad_(False)
@@ -115,7 +125,8 @@ def feature_batches(net, X, batch_size):
     """Yield ``(slice, Z, dtype)``: flattened features as float64 tensors on the net's device.
 
     ``net`` is a frozen copy from :func:`frozen_copy`, or None when X (a float64 numpy
-    array) already holds the features. ``dtype`` is the extractor's output dtype.
+    array) already holds the features. ``dtype`` is the extractor's output dtype. With an
+    extractor, the first batch is the first sample alone.
     Features stay on the device: the work on them (moments, predictions) is done by torch
     too, so torch's and numpy's thread pools never alternate batch by batch, which on a
     few cores costs an order of magnitude.
@@ -123,8 +134,11 @@ def feature_batches(net, X, batch_size):
     n = X.shape[0]
     if net is not None:
         device, dtype = module_device(net), floating_dtype(net)
-    for start in range(0, n, batch_size):
-        sl = slice(start, min(start + batch_size, n))
+    # The first sample goes alone: shape errors and the feature size surface after one
+    # sample, before the bulk of the work.
+    starts = [0, *range(1, n, batch_size)] if net is not None else range(0, n, batch_size)
+    for start in starts:
+        sl = slice(start, 1 if start == 0 and net is not None else min(start + batch_size, n))
         if net is None:
             yield sl, torch.from_numpy(X[sl]), torch.float64
             continue

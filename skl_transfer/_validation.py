@@ -30,7 +30,7 @@ def check_input(X):
         if X.is_floating_point() and not bool(torch.isfinite(X).all()):
             raise ValueError("Input X contains NaN or infinity; remove or impute those samples.")
         return X
-    return check_array(X, allow_nd=True, dtype=None, ensure_all_finite=True, input_name="X")
+    return check_array(X, allow_nd=True, dtype="numeric", ensure_all_finite=True, input_name="X")
 
 
 def check_target(y, n_samples):

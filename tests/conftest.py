@@ -10,16 +10,30 @@ def _seed():
     torch.manual_seed(0)
 
 
+class RowCounter:
+    """A counter shared by a module and all its deep copies (the estimators run a copy)."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class CountingModule(nn.Module):
-    """Wraps a module and counts the samples (rows) it is called on."""
+    """Wraps a module and counts the samples (rows) that it, or any deep copy of it, sees."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
-        self.register_buffer("rows_seen", torch.zeros((), dtype=torch.int64))
+        self.counter = RowCounter()
+
+    @property
+    def rows_seen(self):
+        return self.counter.rows
 
     def forward(self, x):
-        self.rows_seen += x.shape[0]
+        self.counter.rows += x.shape[0]
         return self.inner(x)
 
 

@@ -236,7 +236,7 @@ def test_low_precision_extractor_solves_in_float64(dtype):
     assert_allclose(est.coef_, W0[0] + ridge.coef_, rtol=1e-7, atol=1e-8)
     module = est.to_module()
     assert module.head.weight.dtype == torch.float32
-    out = module(torch.as_tensor(X, dtype=dtype)).double().numpy()[:, 0]
+    out = module(torch.as_tensor(X, dtype=torch.float32)).double().numpy()[:, 0]  # input cast by the module
     assert_allclose(out, est.predict(X), rtol=1e-4, atol=1e-4)
 
 
@@ -356,7 +356,12 @@ def _counting():
     "case, exc, match",
     [
         ("nan_X", ValueError, "NaN"),
+        ("inf_X", ValueError, "infinity"),
+        ("nan_X_tensor", ValueError, "NaN"),
         ("inf_y", ValueError, "NaN|infinity"),
+        ("nan_y", ValueError, "NaN"),
+        ("coef_none", TypeError, "needs coef"),
+        ("lazy_head", TypeError, "not initialised"),
         ("y_rows", ValueError, "X has 20 samples but y has 19"),
         ("y_cols", ValueError, "head has 1 outputs but y has 3"),
         ("alpha", ValueError, "alpha"),
@@ -376,6 +381,17 @@ def test_bad_input_raises_before_any_forward_pass(case, exc, match):
     kwargs = {}
     if case == "nan_X":
         X[3, 1] = np.nan
+    elif case == "inf_X":
+        X[0, 0] = -np.inf
+    elif case == "nan_X_tensor":
+        X = torch.as_tensor(X)
+        X[4, 4] = float("nan")
+    elif case == "nan_y":
+        y[7] = np.nan
+    elif case == "coef_none":
+        head = (None, 0.5)
+    elif case == "lazy_head":
+        head = nn.LazyLinear(1)
     elif case == "inf_y":
         y[2] = np.inf
     elif case == "y_rows":
@@ -402,28 +418,31 @@ def test_bad_input_raises_before_any_forward_pass(case, exc, match):
     est = LayerVariationalAdapter(body, head, alpha=alpha)
     with pytest.raises(exc, match=match):
         est.fit(X, y, **kwargs)
-    assert int(body.rows_seen) == 0
+    assert body.rows_seen == 0
+    LayerVariationalAdapter(body, make_head()).fit(*_target(20))
+    assert body.rows_seen == 20  # the counter does count the private copy's rows
 
 
-def test_head_feature_mismatch_is_caught_after_first_batch_only():
+def test_head_feature_mismatch_is_caught_on_the_first_sample():
     body = _counting()
     X, y = _target(100)
     est = LayerVariationalAdapter(body, make_head(n_hidden=7), batch_size=10)
     with pytest.raises(ValueError, match="head expects 7 input features but the extractor produces 16"):
         est.fit(X, y)
-    assert int(body.rows_seen) <= 10
+    assert body.rows_seen == 1
     with pytest.raises(ValueError, match="head expects 7 input features but X has 5"):
         LayerVariationalAdapter(None, (np.ones(7), 0.0)).fit(X, y)
 
 
 def test_extractor_rejecting_X_is_wrapped_and_chained():
-    body = make_body()
+    body = CountingModule(make_body())
     X, y = _target(20, n_in=3)  # body expects 5 inputs
     with pytest.raises(
-        ValueError, match=r"extractor Sequential failed on a batch of shape \(20, 3\)"
+        ValueError, match=r"extractor CountingModule failed on a batch of shape \(1, 3\)"
     ) as info:
         LayerVariationalAdapter(body, make_head()).fit(X, y)
     assert isinstance(info.value.__cause__, RuntimeError)
+    assert body.rows_seen <= 1  # found on the first sample
 
 
 def test_extractor_returning_nonfinite_features():
@@ -468,3 +487,83 @@ def test_primal_and_dual_paths_agree(alpha, fit_intercept):
     assert_allclose(dual.coef_[:, 16:], 0.0, atol=1e-12)
     assert_allclose(dual.intercept_, primal.intercept_, rtol=1e-8, atol=1e-10)
     assert_allclose(dual.residual_norm_, primal.residual_norm_, rtol=1e-6, atol=1e-8)
+
+
+def test_alpha_zero_dual_path_rank_deficient():
+    # 8 samples, d = 12 ReLU features of rank <= 6: dual path, minimum-norm solution.
+    body = nn.Sequential(nn.Linear(3, 12, dtype=torch.float64), nn.ReLU())
+    with torch.no_grad():
+        body[0].weight[6:] = body[0].weight[:6] * 3.0
+        body[0].bias[6:] = body[0].bias[:6] * 3.0
+    head = nn.Linear(12, 1, bias=False, dtype=torch.float64)
+    X, y = _target(8, n_in=3)
+    est = LayerVariationalAdapter(body, head, alpha=0.0).fit(X, y)
+    Z = reference_features(body, X)
+    W0, _ = head_arrays(head)
+    assert est.solver_ == "dual" and np.isfinite(est.coef_).all()
+    assert_allclose(est.coef_, W0[0] + np.linalg.pinv(Z) @ (y - Z @ W0[0]), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("n", [40, 6])
+def test_tiny_alpha_is_continuous_on_collinear_features(n):
+    # Exactly collinear features: as alpha -> 0 the solution must tend to the alpha = 0 one,
+    # never blow up along the rounding-noise directions.
+    body = nn.Linear(5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        body.weight[5:] = body.weight[:3] - body.weight[1:4]
+        body.bias[5:] = body.bias[:3] - body.bias[1:4]
+    X, y = _target(n)
+    ref = LayerVariationalAdapter(body, alpha=0.0).fit(X, y)
+    for alpha in (1e-30, 1e-20, 1e-12):
+        est = LayerVariationalAdapter(body, alpha=alpha).fit(X, y)
+        assert_allclose(est.coef_, ref.coef_, rtol=1e-6, atol=1e-6 * np.abs(ref.coef_).max())
+
+
+@pytest.mark.parametrize("bias, fit_intercept", [(False, True), (True, False)])
+def test_fit_intercept_overrides_against_ridge(bias, fit_intercept):
+    body, head = make_body(), make_head(bias=bias)
+    X, y = _target(90)
+    est = LayerVariationalAdapter(body, head, alpha=0.8, fit_intercept=fit_intercept).fit(X, y)
+    Z = reference_features(body, X)
+    W0, b0 = head_arrays(head)
+    b0 = 0.0 if b0 is None else b0[0]
+    ridge = Ridge(alpha=0.8, fit_intercept=fit_intercept).fit(Z, y - Z @ W0[0] - b0)
+    assert_allclose(est.coef_, W0[0] + ridge.coef_, rtol=1e-8, atol=1e-10)
+    assert_allclose(est.intercept_, b0 + ridge.intercept_, rtol=1e-8, atol=1e-10)
+    module = est.to_module()
+    assert (module.head.bias is not None) == (bias or fit_intercept)
+
+
+def test_float16_rank_deficient_features_do_not_fit_rounding_noise():
+    # rank-3 features in d = 16: float16 rounding must not be read as 13 extra directions
+    body32 = nn.Linear(3, 16)
+    X, y = _target(200, n_in=3)
+    c32 = LayerVariationalAdapter(body32, alpha=0.0).fit(X, y).coef_
+    c16 = LayerVariationalAdapter(copy.deepcopy(body32).half(), alpha=0.0).fit(X, y).coef_
+    assert np.abs(c16).max() < 5 * np.abs(c32).max()
+
+
+def test_failed_fit_leaves_no_fitted_state_and_refit_clears_stale_attributes():
+    pd = pytest.importorskip("pandas")
+    body, head = make_body(), make_head()
+    X, y = _target(30)
+    est = LayerVariationalAdapter(body, head)
+    with pytest.raises(ValueError):
+        est.fit(X, y, sample_weight=-np.ones(30))
+    with pytest.raises(NotFittedError):
+        est.predict(X)
+    frame = pd.DataFrame(X, columns=[f"c{i}" for i in range(5)])
+    est.set_params(extractor=None, head=None).fit(frame, y)
+    assert list(est.feature_names_in_) == list(frame.columns) and est.input_shape_ == (5,)
+    est.set_params(extractor=body, head=head).fit(X, y)
+    assert not hasattr(est, "feature_names_in_") and est.input_shape_ == (5,)
+
+
+def test_object_and_bfloat16_inputs_are_converted():
+    body, head = make_body(), make_head()
+    X, y = _target(30)
+    ref = LayerVariationalAdapter(body, head).fit(X, y)
+    obj = LayerVariationalAdapter(body, head).fit(X.astype(object), torch.as_tensor(y).bfloat16())
+    yb = torch.as_tensor(y).bfloat16().float().numpy()
+    assert_allclose(obj.coef_, LayerVariationalAdapter(body, head).fit(X, yb).coef_, rtol=1e-12)
+    assert ref.coef_.shape == obj.coef_.shape
