@@ -2,32 +2,19 @@
 
 from __future__ import annotations
 
-import copy
-import itertools
 import time
-from numbers import Integral, Real
+from numbers import Real
 
-import numpy as np
-import torch
-from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
-from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.base import _fit_context
+from sklearn.utils._param_validation import Interval
 
 from . import _solvers
-from ._heads import AdaptedNetwork, as_prior, make_linear
-from ._torch import (
-    accumulate_moments,
-    feature_batches,
-    frozen_copy,
-    gather_features,
-    linear_outputs,
-    resolve_device,
-    to_numpy,
-)
-from ._validation import check_input, check_sample_weight, check_target
+from ._base import BaseAdapter
+from ._torch import accumulate_moments, feature_batches, gather_features
+from ._validation import check_sample_weight
 
 
-class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
+class LayerVariationalAdapter(BaseAdapter):
     r"""Closed-form adaptation of a pretrained last layer to a new domain.
 
     With ``Z = extractor(X)`` (flattened to ``n_samples x d``) and the pretrained head
@@ -89,6 +76,8 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
         (n_samples >= d); "dual" the n x n kernel system (n_samples < d).
     extractor_ : torch.nn.Module or None
         The private frozen copy of the extractor (CPU, eval mode).
+    n_samples_seen_ : int
+        Number of samples the update was computed from (summed over ``partial_fit`` calls).
     input_shape_ : tuple
         Per-sample shape of X seen in fit.
     n_features_in_ : int
@@ -98,6 +87,7 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
 
     See Also
     --------
+    LayerVariationalAdapterCV : The same update with alpha chosen by cross-validation.
     sklearn.linear_model.Ridge : The same solve with a zero prior and no extractor.
 
     Notes
@@ -106,9 +96,14 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
     extractor's dtype. With ``n_samples >= d`` the weighted means and co-moments of
     (Z, Q) are merged batch by batch (Chan et al.), so memory is O(d^2 + batch_size) and
     the N x d feature matrix is never stored; otherwise the n x n kernel is used.
-    At ``alpha=0`` eigenvalues of the Gram matrix below ``max(n, d) * eps`` times the
-    largest are treated as zero, so rank-deficient features give the minimum-norm
-    solution rather than inf or NaN.
+    Gram eigenvalues below ``max(n, d) * max(eps64, eps_f**2)`` times the largest
+    (``eps_f``: the rounding of the extractor's dtype) are treated as zero for every alpha,
+    so rank-deficient features give the minimum-norm solution at ``alpha=0`` rather than
+    inf or NaN, and the solution is continuous as alpha goes to 0.
+
+    ``partial_fit`` merges the moments of each batch into the running ones (never raw sums),
+    so the model after the last batch equals ``fit`` on all the data; memory does not grow
+    with the number of batches.
 
     References
     ----------
@@ -129,13 +124,8 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
     """
 
     _parameter_constraints: dict = {
-        "extractor": [torch.nn.Module, None],
-        "head": [torch.nn.Module, tuple, list, None],  # which Module, which pair: checked in fit
+        **BaseAdapter._parameter_constraints,
         "alpha": [Interval(Real, 0, None, closed="left")],
-        "fit_intercept": ["boolean", StrOptions({"auto"})],
-        "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "device": [str, torch.device],
-        "verbose": ["verbose"],
     }
 
     def __init__(
@@ -157,87 +147,6 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
         self.device = device
         self.verbose = verbose
 
-    # -- validation -------------------------------------------------------------------
-
-    def _validate_X(self, X, *, reset, y=None):
-        """Validate X (and y in fit). Returns (X, y); y is None in predict.
-
-        Without an extractor, ``validate_data`` records ``n_features_in_`` (and feature names)
-        as in every sklearn estimator; with one, the input attributes are set at the end of a
-        successful fit by :meth:`_record_input`.
-        """
-        if self.extractor is None:
-            X = to_numpy(X)
-            if y is None:
-                return validate_data(self, X, reset=reset, dtype=np.float64, force_writeable=True), None
-            X, y = validate_data(
-                self,
-                X,
-                to_numpy(y),
-                reset=reset,
-                multi_output=True,
-                y_numeric=True,
-                dtype=np.float64,
-                force_writeable=True,
-            )
-            return X, check_target(y, X.shape[0])
-        X = check_input(X)
-        if not reset and tuple(X.shape[1:]) != self.input_shape_:
-            raise ValueError(
-                f"X has per-sample shape {tuple(X.shape[1:])}, but {type(self).__name__} was "
-                f"fitted on inputs of shape {self.input_shape_}; pass X of shape "
-                f"(n_samples, {', '.join(map(str, self.input_shape_))})."
-            )
-        return X, (None if y is None else check_target(y, X.shape[0]))
-
-    def _record_input(self, X):
-        self.input_shape_ = tuple(X.shape[1:])
-        if self.extractor is None:
-            return
-        if hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_  # left by an earlier fit without an extractor
-        if X.ndim == 2:
-            self.n_features_in_ = X.shape[1]
-        elif hasattr(self, "n_features_in_"):
-            del self.n_features_in_
-
-    def _resolve_fit_intercept(self, prior):
-        if self.fit_intercept != "auto":
-            return bool(self.fit_intercept)
-        return prior.W0 is None or prior.b0 is not None
-
-    def _check_prior(self, prior, n_outputs, n_features):
-        if prior.n_outputs is not None and prior.n_outputs != n_outputs:
-            raise ValueError(
-                f"The head has {prior.n_outputs} outputs but y has {n_outputs} column(s); pass y "
-                f"of shape (n_samples, {prior.n_outputs})"
-                + (" (or 1-D)" if prior.n_outputs == 1 else "")
-                + " or a head with one output per column of y."
-            )
-        if n_features is not None and prior.n_features not in (None, n_features):
-            source = "the extractor produces" if self.extractor is not None else "X has"
-            raise ValueError(
-                f"The head expects {prior.n_features} input features but {source} {n_features}; "
-                "pass the head that belongs to these features (coef of shape (k, d))."
-            )
-
-    # -- features ---------------------------------------------------------------------
-
-    def _runtime_extractor(self):
-        """The fitted extractor on the requested device (cached, never pickled)."""
-        if self.extractor_ is None:
-            return None
-        device = resolve_device(self.device)
-        if device.type == "cpu":
-            return self.extractor_
-        cached = getattr(self, "_extractor_on_device", None)
-        if cached is None or cached[0] != device:
-            cached = (device, frozen_copy(self.extractor_, device))
-            self._extractor_on_device = cached
-        return cached[1]
-
-    # -- fit / predict ----------------------------------------------------------------
-
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Fit the layer update on target-domain data.
@@ -256,118 +165,87 @@ class LayerVariationalAdapter(RegressorMixin, BaseEstimator):
         self : object
             Fitted estimator.
         """
-        if y is None:
-            raise ValueError(
-                f"{type(self).__name__} requires y to be passed, but the target y is None; "
-                "pass the target-domain targets, shape (n_samples,) or (n_samples, k)."
-            )
-        prior = as_prior(self.head)
-        device = resolve_device(self.device)
-        X, y = self._validate_X(X, reset=True, y=y)
-        n_samples = X.shape[0]
-        s = check_sample_weight(sample_weight, n_samples)
-        Y = y.reshape(n_samples, -1)
-        self._check_prior(prior, Y.shape[1], X.shape[1] if self.extractor is None else None)
-        fit_intercept = self._resolve_fit_intercept(prior)
-
-        t0 = time.perf_counter()
-        net = None if self.extractor is None else frozen_copy(self.extractor, device)
-        batches = feature_batches(net, X, self.batch_size)
-        first = next(batches)
-        d, feature_dtype = first[1].shape[1], first[2]
-        self._check_prior(prior, Y.shape[1], d)
-        rtol = _solvers.gram_rtol(
-            (n_samples, d), torch.finfo(feature_dtype).eps if feature_dtype.is_floating_point else 0.0
-        )
-        W0 = np.zeros((Y.shape[1], d)) if prior.W0 is None else prior.W0
-        b0 = np.zeros(Y.shape[1]) if prior.b0 is None else prior.b0
-        batches = itertools.chain([first], batches)
-
-        if n_samples >= d:
-            self.solver_ = "primal"
-            moments = accumulate_moments(batches, Y, s, W0, b0)
+        p = self._start(X, y, sample_weight)
+        spec = p.spec
+        if p.n_samples >= spec.d:
+            solver = "primal"
+            moments = accumulate_moments(p.batches, p.Y, p.s, spec.W0, spec.b0)
             t1 = time.perf_counter()
-            dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, fit_intercept, rtol)
+            dWt, db, residual_sq = _solvers.ridge_primal(
+                moments, self.alpha, spec.fit_intercept, spec.rtol(p.n_samples)
+            )
             residue_sq = _solvers.uncentred(moments)[2]
         else:
-            self.solver_ = "dual"
-            Z = gather_features(batches)
-            Q = Y - Z @ W0.T - b0
+            solver, moments = "dual", None
+            Z = gather_features(p.batches)
+            Q = p.Y - Z @ spec.W0.T - spec.b0
             t1 = time.perf_counter()
-            dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, s, self.alpha, fit_intercept, rtol)
-            residue_sq = float(s @ (Q * Q).sum(1))
-        t2 = time.perf_counter()
-        if self.verbose:
-            print(
-                f"[{type(self).__name__}] {n_samples} samples, {d} features, {self.solver_} solve: "
-                f"features {t1 - t0:.3f}s, solve {t2 - t1:.3f}s"
+            dWt, db, residual_sq = _solvers.ridge_dual(
+                Z, Q, p.s, self.alpha, spec.fit_intercept, spec.rtol(p.n_samples)
             )
-
-        coef = W0 + dWt.T
-        intercept = b0 + db
-        squeeze = y.ndim == 1
-        self.coef_ = coef[0] if squeeze else coef
-        self.intercept_ = float(intercept[0]) if squeeze else intercept
-        self.delta_coef_ = dWt.T[0] if squeeze else dWt.T.copy()
-        self.delta_intercept_ = float(db[0]) if squeeze else db
-        self.fit_intercept_ = fit_intercept
-        self.residue_norm_ = float(np.sqrt(residue_sq))
-        self.residual_norm_ = float(np.sqrt(residual_sq))
-        self._record_input(X)
-        self.extractor_ = None if net is None else net.to("cpu")
-        self._extractor_on_device = None
-        self._head_dtype = torch.promote_types(torch.promote_types(prior.dtype, feature_dtype), torch.float32)
-        self._has_bias = fit_intercept or prior.b0 is not None
+            residue_sq = float(p.s @ (Q * Q).sum(1))
+        self._log(
+            f"{p.n_samples} samples, {spec.d} features, {solver} solve: "
+            f"features {t1 - p.t0:.3f}s, solve {time.perf_counter() - t1:.3f}s"
+        )
+        self._store(spec, p.X, p.net, dWt, db, residue_sq, residual_sq)
+        self.solver_ = solver
+        self.n_samples_seen_ = p.n_samples
+        self._moments = moments  # lets partial_fit continue a primal fit
         return self
 
-    def _coef_2d(self):
-        return np.atleast_2d(self.coef_), np.atleast_1d(self.intercept_)
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, sample_weight=None):
+        """Add a batch of target-domain data to the update (out-of-core fitting).
 
-    def predict(self, X):
-        """Predict with the adapted head.
+        The first call sets the estimator up as ``fit`` does; later calls (and calls after a
+        ``fit`` that used the primal solver) run the extractor copied then, merge the batch's
+        moments into the running ones and re-solve: after the last batch the model equals
+        ``fit`` on all batches together. ``alpha`` may change between calls.
 
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, *input_shape)
-            Inputs of the extractor (features when ``extractor=None``).
+            A batch of inputs (features when ``extractor=None``).
+        y : array-like of shape (n_samples,) or (n_samples, k)
+            Its targets; the same number of columns in every call.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the batch's samples.
 
         Returns
         -------
-        y_pred : ndarray of shape (n_samples,) or (n_samples, k)
+        self : object
+            The updated estimator.
         """
-        check_is_fitted(self)
-        X, _ = self._validate_X(X, reset=False)
-        coef, intercept = self._coef_2d()
-        batches = feature_batches(self._runtime_extractor(), X, self.batch_size)
-        out = linear_outputs(batches, X.shape[0], coef, intercept)
-        return out[:, 0] if np.ndim(self.coef_) == 1 else out
-
-    def to_module(self):
-        """The adapted network as a torch module (CPU, eval mode, gradients off).
-
-        Returns
-        -------
-        module : AdaptedNetwork
-            ``head(flatten(extractor(x)))`` with the adapted ``torch.nn.Linear`` head; its
-            output has shape (n_samples, k) (k = 1 for 1-D y) and equals ``predict`` up to
-            the rounding of the head's dtype (float32 or wider).
-        """
-        check_is_fitted(self)
-        coef, intercept = self._coef_2d()
-        head = make_linear(coef, intercept if self._has_bias else None, self._head_dtype)
-        extractor = None if self.extractor_ is None else copy.deepcopy(self.extractor_)
-        return AdaptedNetwork(extractor, head).eval().requires_grad_(False)
-
-    def __sklearn_is_fitted__(self):
-        return hasattr(self, "coef_")
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        tags.input_tags.allow_nan = False
-        return tags
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.pop("_extractor_on_device", None)
-        return state
+        moments = getattr(self, "_moments", None)
+        if moments is None and getattr(self, "solver_", None) == "dual":
+            raise ValueError(
+                "partial_fit cannot continue a fit that used the dual solver (fewer samples "
+                "than features): it kept no d x d moments. Call partial_fit from the first "
+                "batch on, or fit on all the data at once."
+            )
+        if moments is None:
+            p = self._start(X, y, sample_weight)
+            spec, X, Y, s, net, batches, n_seen = p.spec, p.X, p.Y, p.s, p.net, p.batches, 0
+        else:
+            spec, net, n_seen = self._spec, self.extractor_, self.n_samples_seen_
+            X, y = self._validate_X(X, reset=False, y=y)
+            Y = y.reshape(X.shape[0], -1)
+            if Y.shape[1] != spec.W0.shape[0] or y.ndim != spec.y_ndim:
+                raise ValueError(
+                    f"y has shape {y.shape} but earlier batches had {spec.W0.shape[0]} column(s) "
+                    f"(ndim {spec.y_ndim}); pass targets of the same shape in every call."
+                )
+            s = check_sample_weight(sample_weight, X.shape[0])
+            batches = feature_batches(self._runtime_extractor(), X, self.batch_size)
+        m = accumulate_moments(batches, Y, s, spec.W0, spec.b0)
+        moments = m if moments is None else _solvers.merge_moments(moments, m)
+        n_seen += X.shape[0]
+        dWt, db, residual_sq = _solvers.ridge_primal(
+            moments, self.alpha, spec.fit_intercept, spec.rtol(n_seen)
+        )
+        self._store(spec, X, net, dWt, db, _solvers.uncentred(moments)[2], residual_sq)
+        self.solver_ = "primal"
+        self.n_samples_seen_ = n_seen
+        self._moments = moments
+        return self

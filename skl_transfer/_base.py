@@ -1,0 +1,269 @@
+"""Machinery shared by the adapters: validation, the frozen extractor, prediction, export."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from dataclasses import dataclass
+from numbers import Integral
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from . import _solvers
+from ._heads import AdaptedNetwork, Prior, as_prior, make_linear
+from ._torch import feature_batches, frozen_copy, linear_outputs, resolve_device, to_numpy
+from ._validation import check_input, check_sample_weight, check_target
+
+
+@dataclass
+class HeadSpec:
+    """What a fit learns about the head before solving: prior, sizes, dtypes (picklable)."""
+
+    prior: Prior
+    W0: np.ndarray  # (k, d), zeros for a zero prior
+    b0: np.ndarray  # (k,)
+    y_ndim: int
+    fit_intercept: bool
+    feature_dtype: torch.dtype
+
+    @property
+    def d(self):
+        return self.W0.shape[1]
+
+    @property
+    def feature_eps(self):
+        return torch.finfo(self.feature_dtype).eps if self.feature_dtype.is_floating_point else 0.0
+
+    def rtol(self, n_samples):
+        return _solvers.gram_rtol((n_samples, self.d), self.feature_eps)
+
+
+@dataclass
+class Problem:
+    """One validated fit call: the data, the head spec and the feature stream.
+
+    ``batches`` yields ``(slice, Z, dtype)`` from :func:`feature_batches`; its first batch
+    (one sample) has already been run, so the feature size and dtype are known.
+    """
+
+    X: object
+    Y: np.ndarray
+    s: np.ndarray
+    spec: HeadSpec
+    net: torch.nn.Module | None
+    batches: object
+    t0: float
+
+    @property
+    def n_samples(self):
+        return self.Y.shape[0]
+
+
+class BaseAdapter(RegressorMixin, BaseEstimator):
+    """Base class of the adapters (not public): everything but the solve."""
+
+    _parameter_constraints: dict = {
+        "extractor": [torch.nn.Module, None],
+        "head": [torch.nn.Module, tuple, list, None],  # which Module, which pair: checked in fit
+        "fit_intercept": ["boolean", StrOptions({"auto"})],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "device": [str, torch.device],
+        "verbose": ["verbose"],
+    }
+
+    # -- validation -------------------------------------------------------------------
+
+    def _validate_X(self, X, *, reset, y=None):
+        """Validate X (and y in fit). Returns (X, y); y is None in predict.
+
+        Without an extractor, ``validate_data`` records ``n_features_in_`` (and feature names)
+        as in every sklearn estimator; with one, the input attributes are set at the end of a
+        successful fit by :meth:`_record_input`.
+        """
+        if self.extractor is None:
+            X = to_numpy(X)
+            if y is None:
+                return validate_data(self, X, reset=reset, dtype=np.float64, force_writeable=True), None
+            X, y = validate_data(
+                self,
+                X,
+                to_numpy(y),
+                reset=reset,
+                multi_output=True,
+                y_numeric=True,
+                dtype=np.float64,
+                force_writeable=True,
+            )
+            return X, check_target(y, X.shape[0])
+        X = check_input(X)
+        if not reset and tuple(X.shape[1:]) != self.input_shape_:
+            raise ValueError(
+                f"X has per-sample shape {tuple(X.shape[1:])}, but {type(self).__name__} was "
+                f"fitted on inputs of shape {self.input_shape_}; pass X of shape "
+                f"(n_samples, {', '.join(map(str, self.input_shape_))})."
+            )
+        return X, (None if y is None else check_target(y, X.shape[0]))
+
+    def _record_input(self, X):
+        self.input_shape_ = tuple(X.shape[1:])
+        if self.extractor is None:
+            return
+        if hasattr(self, "feature_names_in_"):
+            del self.feature_names_in_  # left by an earlier fit without an extractor
+        if X.ndim == 2:
+            self.n_features_in_ = X.shape[1]
+        elif hasattr(self, "n_features_in_"):
+            del self.n_features_in_
+
+    def _resolve_fit_intercept(self, prior):
+        if self.fit_intercept != "auto":
+            return bool(self.fit_intercept)
+        return prior.W0 is None or prior.b0 is not None
+
+    def _check_prior(self, prior, n_outputs, n_features):
+        if prior.n_outputs is not None and prior.n_outputs != n_outputs:
+            raise ValueError(
+                f"The head has {prior.n_outputs} outputs but y has {n_outputs} column(s); pass y "
+                f"of shape (n_samples, {prior.n_outputs})"
+                + (" (or 1-D)" if prior.n_outputs == 1 else "")
+                + " or a head with one output per column of y."
+            )
+        if n_features is not None and prior.n_features not in (None, n_features):
+            source = "the extractor produces" if self.extractor is not None else "X has"
+            raise ValueError(
+                f"The head expects {prior.n_features} input features but {source} {n_features}; "
+                "pass the head that belongs to these features (coef of shape (k, d))."
+            )
+
+    def _start(self, X, y, sample_weight):
+        """Validate a fit call, copy the extractor, run it on the first sample.
+
+        Every check that needs no forward pass runs first; the head's size and X's shape
+        are then checked against the extractor on one sample.
+        """
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None; "
+                "pass the target-domain targets, shape (n_samples,) or (n_samples, k)."
+            )
+        prior = as_prior(self.head)
+        device = resolve_device(self.device)
+        X, y = self._validate_X(X, reset=True, y=y)
+        n_samples = X.shape[0]
+        s = check_sample_weight(sample_weight, n_samples)
+        Y = y.reshape(n_samples, -1)
+        self._check_prior(prior, Y.shape[1], X.shape[1] if self.extractor is None else None)
+        fit_intercept = self._resolve_fit_intercept(prior)
+
+        t0 = time.perf_counter()
+        net = None if self.extractor is None else frozen_copy(self.extractor, device)
+        batches = feature_batches(net, X, self.batch_size)
+        first = next(batches)
+        d, feature_dtype = first[1].shape[1], first[2]
+        self._check_prior(prior, Y.shape[1], d)
+        k = Y.shape[1]
+        spec = HeadSpec(
+            prior=prior,
+            W0=np.zeros((k, d)) if prior.W0 is None else prior.W0,
+            b0=np.zeros(k) if prior.b0 is None else prior.b0,
+            y_ndim=y.ndim,
+            fit_intercept=fit_intercept,
+            feature_dtype=feature_dtype,
+        )
+        return Problem(X, Y, s, spec, net, itertools.chain([first], batches), t0)
+
+    def _log(self, message):
+        if self.verbose:
+            print(f"[{type(self).__name__}] {message}")
+
+    def _store(self, spec, X, net, dWt, db, residue_sq, residual_sq):
+        """Set the fitted attributes from the update ``(dW^T, db)``."""
+        coef = spec.W0 + dWt.T
+        intercept = spec.b0 + db
+        squeeze = spec.y_ndim == 1
+        self.coef_ = coef[0] if squeeze else coef
+        self.intercept_ = float(intercept[0]) if squeeze else intercept
+        self.delta_coef_ = dWt.T[0] if squeeze else dWt.T.copy()
+        self.delta_intercept_ = float(db[0]) if squeeze else db
+        self.fit_intercept_ = spec.fit_intercept
+        self.residue_norm_ = float(np.sqrt(residue_sq))
+        self.residual_norm_ = float(np.sqrt(residual_sq))
+        self._record_input(X)
+        self.extractor_ = None if net is None else net.to("cpu")
+        self._extractor_on_device = None
+        self._spec = spec
+
+    def _runtime_extractor(self):
+        """The fitted extractor on the requested device (cached, never pickled)."""
+        if self.extractor_ is None:
+            return None
+        device = resolve_device(self.device)
+        if device.type == "cpu":
+            return self.extractor_
+        cached = getattr(self, "_extractor_on_device", None)
+        if cached is None or cached[0] != device:
+            cached = (device, frozen_copy(self.extractor_, device))
+            self._extractor_on_device = cached
+        return cached[1]
+
+    # -- prediction and export -------------------------------------------------------
+
+    def _coef_2d(self):
+        return np.atleast_2d(self.coef_), np.atleast_1d(self.intercept_)
+
+    def predict(self, X):
+        """Predict with the adapted head.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, *input_shape)
+            Inputs of the extractor (features when ``extractor=None``).
+
+        Returns
+        -------
+        y_pred : ndarray of shape (n_samples,) or (n_samples, k)
+        """
+        check_is_fitted(self)
+        X, _ = self._validate_X(X, reset=False)
+        coef, intercept = self._coef_2d()
+        batches = feature_batches(self._runtime_extractor(), X, self.batch_size)
+        out = linear_outputs(batches, X.shape[0], coef, intercept)
+        return out[:, 0] if np.ndim(self.coef_) == 1 else out
+
+    def to_module(self):
+        """The adapted network as a torch module (CPU, eval mode, gradients off).
+
+        Returns
+        -------
+        module : AdaptedNetwork
+            ``head(flatten(extractor(x)))`` with the adapted ``torch.nn.Linear`` head; its
+            output has shape (n_samples, k) (k = 1 for 1-D y) and equals ``predict`` up to
+            the rounding of the head's dtype (float32 or wider).
+        """
+        check_is_fitted(self)
+        coef, intercept = self._coef_2d()
+        spec = self._spec
+        has_bias = spec.fit_intercept or spec.prior.b0 is not None
+        dtype = torch.promote_types(torch.promote_types(spec.prior.dtype, spec.feature_dtype), torch.float32)
+        head = make_linear(coef, intercept if has_bias else None, dtype)
+        extractor = None if self.extractor_ is None else copy.deepcopy(self.extractor_)
+        return AdaptedNetwork(extractor, head).eval().requires_grad_(False)
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "coef_")
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.input_tags.allow_nan = False
+        return tags
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("_extractor_on_device", None)
+        return state
