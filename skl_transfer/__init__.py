@@ -4,7 +4,8 @@ Layer variational analysis (Tseng et al., ICLR 2023) as scikit-learn estimators.
 """
 
 from ._adapter import LayerVariationalAdapter
+from ._cv import LayerVariationalAdapterCV
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerVariationalAdapter", "__version__"]
+__all__ = ["LayerVariationalAdapter", "LayerVariationalAdapterCV", "__version__"]

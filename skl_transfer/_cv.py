@@ -1,0 +1,254 @@
+"""LayerVariationalAdapterCV: the layer update with alpha chosen by cross-validation."""
+
+from __future__ import annotations
+
+import time
+from inspect import signature
+
+import numpy as np
+from scipy.stats import rankdata
+from sklearn.base import BaseEstimator, RegressorMixin, _fit_context
+from sklearn.metrics import check_scoring, get_scorer_names
+from sklearn.model_selection import check_cv
+from sklearn.utils._param_validation import StrOptions
+
+from . import _solvers
+from ._base import BaseAdapter
+from ._torch import gather_features
+
+
+class _FixedPredictions(RegressorMixin, BaseEstimator):
+    """A stand-in regressor whose predict returns given predictions, for sklearn scorers."""
+
+    def __init__(self, predictions=None):
+        self.predictions = predictions
+
+    def fit(self, X=None, y=None):  # pragma: no cover - never fitted, only scored
+        return self
+
+    def predict(self, X):
+        return self.predictions
+
+    def __sklearn_is_fitted__(self):
+        return True
+
+
+def _accepts_sample_weight(scorer):
+    """Whether a scorer takes sample_weight (the test GridSearchCV applies before passing it)."""
+    if hasattr(scorer, "_accept_sample_weight"):
+        return scorer._accept_sample_weight()
+    return "sample_weight" in signature(scorer).parameters
+
+
+class LayerVariationalAdapterCV(BaseAdapter):
+    r"""Layer variational adaptation with alpha chosen by cross-validation, at about one fit.
+
+    The same update as :class:`LayerVariationalAdapter`,
+
+    .. math::
+
+        \min_{\Delta W, \Delta b} \sum_i s_i \| z_i \Delta W^T + \Delta b - q_i \|^2
+        + \alpha \| \Delta W \|_F^2 ,
+
+    for every alpha in ``alphas``; the best alpha by cross-validation is refitted on all
+    the data. The extractor runs once; every fold's normal equations are the whole-data
+    moments minus the held-out part, each fold costs one eigendecomposition, and every
+    further alpha costs ``O(d^2)`` or less (the ``n x n`` kernel replaces ``G`` when a fold has
+    fewer training samples than features).
+
+    Parameters
+    ----------
+    extractor : torch.nn.Module or None, default=None
+        Frozen body of the pretrained network (see :class:`LayerVariationalAdapter`).
+    head : torch.nn.Linear, (coef, intercept) pair or None, default=None
+        Pretrained last layer (see :class:`LayerVariationalAdapter`).
+    alphas : array-like of float, default=(0.1, 1.0, 10.0)
+        Candidate penalties, >= 0 (> 0 for leave-one-out, ``cv=None``).
+    cv : int, cross-validation generator, iterable or None, default=None
+        None: efficient leave-one-out over all alphas. An int or a splitter: K-fold, with
+        the splits of :func:`sklearn.model_selection.check_cv` (``KFold`` for an int).
+    scoring : str, callable or None, default=None
+        How a candidate is scored (greater is better). None: with ``cv=None`` the negative
+        weighted mean squared leave-one-out error ``-sum_i s_i ||y_i - y_loo_i||^2 / sum_i s_i``
+        (the mean over samples and outputs for unit weights); with K-fold, R^2 on each
+        held-out fold, as ``GridSearchCV`` would do. A scorer name or callable is applied
+        to the held-out predictions of each fold (to all leave-one-out predictions at once
+        with ``cv=None``, as ``RidgeCV`` does).
+    fit_intercept : bool or "auto", default="auto"
+        As in :class:`LayerVariationalAdapter`.
+    batch_size : int, default=256
+        Samples per forward pass.
+    device : str or torch.device, default="auto"
+        Where the extractor runs.
+    verbose : int, default=0
+        Print the time of the forward pass, the search and the refit when > 0.
+
+    Attributes
+    ----------
+    alpha_ : float
+        The chosen alpha (the first of the best-scoring ones).
+    best_score_ : float
+        Its mean cross-validated score.
+    cv_results_ : dict of ndarrays
+        ``"param_alpha"`` and ``"params"``, ``"mean_test_score"``, ``"rank_test_score"``,
+        and with K-fold ``"std_test_score"`` and ``"split{i}_test_score"``, in the layout of
+        ``GridSearchCV.cv_results_``.
+    coef_, intercept_, delta_coef_, delta_intercept_ : ndarray or float
+        As in :class:`LayerVariationalAdapter`, refitted on all data with ``alpha_``.
+    fit_intercept_, residue_norm_, residual_norm_ : bool, float, float
+        As in :class:`LayerVariationalAdapter`, for the refit.
+    extractor_, input_shape_, n_features_in_ : torch.nn.Module, tuple, int
+        As in :class:`LayerVariationalAdapter`.
+    solver_ : {"primal", "dual"}
+        Solver of the refit.
+
+    Notes
+    -----
+    The features of all samples are held in memory (n_samples x d float64), once.
+    Equals ``GridSearchCV(LayerVariationalAdapter(...), {"alpha": alphas}, cv=cv,
+    scoring=scoring)`` on the same splits, and brute-force leave-one-out with ``cv=None``.
+    Sample weights weight the fits, and the held-out scores when the scorer accepts them, as
+    ``GridSearchCV.fit(X, y, sample_weight=...)`` does in current scikit-learn.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skl_transfer import LayerVariationalAdapterCV
+    >>> rng = np.random.default_rng(0)
+    >>> Z = rng.normal(size=(60, 4))
+    >>> y = Z @ np.array([1.0, 0.0, -1.0, 2.0]) + 0.1 * rng.normal(size=60)
+    >>> cv = LayerVariationalAdapterCV(head=(np.zeros(4), 0.0), alphas=[0.01, 1.0, 100.0]).fit(Z, y)
+    >>> float(cv.alpha_)
+    0.01
+    """
+
+    _parameter_constraints: dict = {
+        **BaseAdapter._parameter_constraints,
+        "alphas": ["array-like"],
+        "cv": ["cv_object"],
+        "scoring": [StrOptions(set(get_scorer_names())), callable, None],
+    }
+
+    def __init__(
+        self,
+        extractor=None,
+        head=None,
+        *,
+        alphas=(0.1, 1.0, 10.0),
+        cv=None,
+        scoring=None,
+        fit_intercept="auto",
+        batch_size=256,
+        device="auto",
+        verbose=0,
+    ):
+        self.extractor = extractor
+        self.head = head
+        self.alphas = alphas
+        self.cv = cv
+        self.scoring = scoring
+        self.fit_intercept = fit_intercept
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+
+    def _check_alphas(self):
+        alphas = np.asarray(self.alphas, dtype=np.float64)
+        if alphas.ndim != 1 or alphas.size == 0 or not np.isfinite(alphas).all():
+            raise ValueError(f"alphas must be a non-empty 1-D list of finite floats, got {self.alphas!r}.")
+        if (alphas < 0).any():
+            raise ValueError(f"alphas must be >= 0, got {alphas.min():g}; the penalty cannot be negative.")
+        if self.cv is None and (alphas == 0).any():
+            raise ValueError(
+                "alpha = 0 is not allowed with cv=None: leave-one-out needs a penalty when the "
+                "features can fit every training point. Use alphas > 0, or cv=5 to include 0."
+            )
+        return alphas
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None, groups=None):
+        """Choose alpha by cross-validation and fit the update on all data with it.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, *input_shape)
+            Inputs of the extractor, or features (n_samples, d) when ``extractor=None``.
+        y : array-like of shape (n_samples,) or (n_samples, k)
+            Targets on the head's output scale.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights of the squared errors in every fit.
+        groups : array-like of shape (n_samples,), default=None
+            Group labels for a group splitter (``cv=GroupKFold(...)``).
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        alphas = self._check_alphas()
+        p = self._start(X, y, sample_weight)
+        spec = p.spec
+        if self.cv is None and p.n_samples < 2:
+            raise ValueError(
+                "Leave-one-out (cv=None) cannot score a fit on 1 sample; pass at least 2 samples."
+            )
+        Z = gather_features(p.batches)
+        prior_out = Z @ spec.W0.T + spec.b0
+        Q = p.Y - prior_out
+        y2d = p.Y if spec.y_ndim == 2 else p.Y[:, 0]
+        rtol = spec.rtol(p.n_samples)
+        t1 = time.perf_counter()
+
+        def as_y(pred):
+            return pred if spec.y_ndim == 2 else pred[:, 0]
+
+        if self.cv is None:
+            scorer = None if self.scoring is None else check_scoring(_FixedPredictions(), self.scoring)
+            mean = np.empty(len(alphas))
+            for j, Q_loo in _solvers.loo_path(Z, Q, p.s, alphas, spec.fit_intercept, rtol):
+                Y_loo = Q_loo + prior_out
+                if scorer is None:
+                    err = ((p.Y - Y_loo) ** 2).mean(axis=1)
+                    mean[j] = -float(p.s @ err / p.s.sum())
+                else:
+                    mean[j] = scorer(_FixedPredictions(as_y(Y_loo)), Z, y2d)
+            results = {}
+        else:
+            splitter = check_cv(self.cv)
+            folds = list(splitter.split(Z, y2d, groups))
+            scorer = check_scoring(_FixedPredictions(), self.scoring)
+            weigh = sample_weight is not None and _accepts_sample_weight(scorer)
+            scores = np.empty((len(folds), len(alphas)))
+            for fold, j, Q_pred in _solvers.kfold_path(Z, Q, p.s, folds, alphas, spec.fit_intercept, rtol):
+                test = folds[fold][1]
+                pred = as_y(Q_pred + prior_out[test])
+                kwargs = {"sample_weight": p.s[test]} if weigh else {}
+                scores[fold, j] = scorer(_FixedPredictions(pred), Z[test], y2d[test], **kwargs)
+            mean = scores.mean(axis=0)
+            results = {f"split{i}_test_score": scores[i] for i in range(len(folds))}
+            results["std_test_score"] = scores.std(axis=0)
+        best = int(np.argmax(mean))
+        self.alpha_ = float(alphas[best])
+        self.best_score_ = float(mean[best])
+        self.cv_results_ = {
+            "param_alpha": alphas.copy(),
+            "params": [{"alpha": float(a)} for a in alphas],
+            "mean_test_score": mean,
+            "rank_test_score": rankdata(-mean, method="min").astype(np.int32),
+            **results,
+        }
+        t2 = time.perf_counter()
+
+        if p.n_samples >= spec.d:
+            solver, moments = "primal", _solvers.batch_moments(Z, Q, p.s)
+            dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha_, spec.fit_intercept, rtol)
+        else:
+            solver = "dual"
+            dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, p.s, self.alpha_, spec.fit_intercept, rtol)
+        self._log(
+            f"{p.n_samples} samples, {spec.d} features, {len(alphas)} alphas: features "
+            f"{t1 - p.t0:.3f}s, search {t2 - t1:.3f}s, {solver} refit {time.perf_counter() - t2:.3f}s"
+        )
+        self._store(spec, p.X, p.net, dWt, db, float(p.s @ (Q * Q).sum(1)), residual_sq)
+        self.solver_ = solver
+        return self

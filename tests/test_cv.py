@@ -1,0 +1,128 @@
+"""LayerVariationalAdapterCV against brute force: GridSearchCV and explicit leave-one-out."""
+
+import numpy as np
+import pytest
+import torch
+from conftest import CountingModule, make_body, make_head
+from numpy.testing import assert_allclose
+from sklearn.model_selection import GridSearchCV, KFold, LeaveOneOut
+
+from skl_transfer import LayerVariationalAdapter, LayerVariationalAdapterCV
+
+ALPHAS = [0.0, 1e-3, 1e-2, 0.1, 1.0, 10.0, 100.0]
+
+
+def _data(n, k=1, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 5))
+    y = np.sin(X @ rng.normal(size=(5, k))) + 0.3 * rng.normal(size=(n, k))
+    return X, (y[:, 0] if k == 1 else y)
+
+
+@pytest.mark.parametrize("n, k", [(120, 1), (120, 2), (12, 1)])  # primal folds; dual folds (d = 16)
+@pytest.mark.parametrize("scoring", ["neg_mean_squared_error", None])
+def test_kfold_equals_grid_search(n, k, scoring):
+    body, head = make_body(), make_head(n_out=k)
+    X, y = _data(n, k)
+    cv = KFold(5, shuffle=True, random_state=0)
+    est = LayerVariationalAdapterCV(body, head, alphas=ALPHAS, cv=cv, scoring=scoring).fit(X, y)
+    grid = GridSearchCV(LayerVariationalAdapter(body, head), {"alpha": ALPHAS}, cv=cv, scoring=scoring).fit(
+        X, y
+    )
+    res = grid.cv_results_
+    assert_allclose(est.cv_results_["mean_test_score"], res["mean_test_score"], rtol=1e-8)
+    for i in range(5):
+        assert_allclose(est.cv_results_[f"split{i}_test_score"], res[f"split{i}_test_score"], rtol=1e-8)
+    assert_allclose(est.cv_results_["std_test_score"], res["std_test_score"], rtol=1e-6, atol=1e-12)
+    assert est.alpha_ == grid.best_params_["alpha"]
+    assert_allclose(est.best_score_, grid.best_score_, rtol=1e-8)
+    assert list(est.cv_results_["rank_test_score"]) == list(res["rank_test_score"])
+    # the refit is LayerVariationalAdapter with alpha_
+    ref = LayerVariationalAdapter(body, head, alpha=est.alpha_).fit(X, y)
+    assert_allclose(est.coef_, ref.coef_, rtol=1e-8, atol=1e-10)
+    assert_allclose(est.predict(X), ref.predict(X), rtol=1e-8, atol=1e-10)
+
+
+def test_kfold_with_sample_weight_equals_grid_search():
+    body, head = make_body(), make_head()
+    X, y = _data(100)
+    sw = np.random.default_rng(3).uniform(0.0, 2.0, 100)
+    cv = KFold(5, shuffle=True, random_state=0)
+    est = LayerVariationalAdapterCV(body, head, alphas=ALPHAS, cv=cv, scoring="neg_mean_squared_error")
+    est.fit(X, y, sample_weight=sw)
+    grid = GridSearchCV(
+        LayerVariationalAdapter(body, head), {"alpha": ALPHAS}, cv=cv, scoring="neg_mean_squared_error"
+    ).fit(X, y, sample_weight=sw)
+    assert_allclose(est.cv_results_["mean_test_score"], grid.cv_results_["mean_test_score"], rtol=1e-8)
+    assert est.alpha_ == grid.best_params_["alpha"]
+
+
+@pytest.mark.parametrize("n", [40, 10])  # primal (n >= d = 16) and dual
+@pytest.mark.parametrize("weighted", [False, True])
+def test_leave_one_out_equals_brute_force(n, weighted):
+    body, head = make_body(), make_head()
+    X, y = _data(n)
+    sw = np.random.default_rng(4).uniform(0.2, 2.0, n) if weighted else np.ones(n)
+    alphas = ALPHAS[1:]
+    est = LayerVariationalAdapterCV(body, head, alphas=alphas).fit(
+        X, y, sample_weight=sw if weighted else None
+    )
+    brute = []
+    for alpha in alphas:
+        err = np.empty(n)
+        for train, test in LeaveOneOut().split(X):
+            fit = LayerVariationalAdapter(body, head, alpha=alpha).fit(
+                X[train], y[train], sample_weight=sw[train]
+            )
+            err[test] = (y[test] - fit.predict(X[test])) ** 2
+        brute.append(-np.sum(sw * err) / np.sum(sw))
+    assert_allclose(est.cv_results_["mean_test_score"], brute, rtol=1e-8)
+    assert est.alpha_ == alphas[int(np.argmax(brute))]
+
+
+def test_leave_one_out_with_a_scorer_uses_all_predictions_at_once():
+    body, head = make_body(), make_head()
+    X, y = _data(30)
+    est = LayerVariationalAdapterCV(body, head, alphas=[0.1, 1.0], scoring="r2").fit(X, y)
+    from sklearn.metrics import r2_score
+
+    for j, alpha in enumerate([0.1, 1.0]):
+        pred = np.empty(30)
+        for train, test in LeaveOneOut().split(X):
+            pred[test] = (
+                LayerVariationalAdapter(body, head, alpha=alpha).fit(X[train], y[train]).predict(X[test])
+            )
+        assert_allclose(est.cv_results_["mean_test_score"][j], r2_score(y, pred), rtol=1e-8)
+
+
+def test_the_extractor_runs_once_per_sample():
+    body = CountingModule(make_body())
+    X, y = _data(90)
+    LayerVariationalAdapterCV(body, make_head(), alphas=np.logspace(-3, 3, 30), cv=5).fit(X, y)
+    assert body.rows_seen == 90
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(alphas=[1.0, -1.0]), "alphas must be >= 0"),
+        (dict(alphas=[0.0, 1.0]), "alpha = 0 is not allowed with cv=None"),
+        (dict(alphas=[]), "non-empty"),
+    ],
+)
+def test_bad_alphas(kwargs, match):
+    X, y = _data(20)
+    with pytest.raises(ValueError, match=match):
+        LayerVariationalAdapterCV(**kwargs).fit(X, y)
+
+
+def test_cv_to_module_and_pickle():
+    import pickle
+
+    body, head = make_body().float(), make_head().float()
+    X, y = _data(60)
+    est = LayerVariationalAdapterCV(body, head, alphas=[0.1, 1.0, 10.0], cv=3).fit(X, y)
+    again = pickle.loads(pickle.dumps(est))
+    assert_allclose(again.predict(X), est.predict(X))
+    out = est.to_module()(torch.as_tensor(X, dtype=torch.float32)).double().numpy()[:, 0]
+    assert_allclose(out, est.predict(X), rtol=1e-5, atol=1e-5)
