@@ -4,8 +4,16 @@ Layer variational analysis (Tseng et al., ICLR 2023) as scikit-learn estimators.
 """
 
 from ._adapter import LayerVariationalAdapter
+from ._cache import cache_info, clear_cache, set_cache_limit
 from ._cv import LayerVariationalAdapterCV
 
 __version__ = "0.1.0"
 
-__all__ = ["LayerVariationalAdapter", "LayerVariationalAdapterCV", "__version__"]
+__all__ = [
+    "LayerVariationalAdapter",
+    "LayerVariationalAdapterCV",
+    "cache_info",
+    "clear_cache",
+    "set_cache_limit",
+    "__version__",
+]

@@ -53,6 +53,14 @@ class LayerVariationalAdapter(BaseAdapter):
         Where the extractor runs: "auto" is cuda when available, else cpu.
     verbose : int, default=0
         Print the time of the forward pass and of the solve when > 0.
+    cache : bool, str, os.PathLike or joblib.Memory, default=True
+        Feature cache, so that searches, cross-validation and learning curves run the
+        extractor on each distinct sample once. True: in this process's memory (least
+        recently used rows evicted beyond 1 GiB; see :func:`skl_transfer.set_cache_limit`).
+        A directory (or a ``joblib.Memory``): also in an SQLite file there, shared by worker
+        processes (``n_jobs > 1``, dask). False or None: no cache. Keys cover the extractor's
+        class, repr, parameters and buffers (bitwise), the input bytes, device and dtype;
+        a cached feature is bitwise the one the extractor computed.
 
     Attributes
     ----------
@@ -138,6 +146,7 @@ class LayerVariationalAdapter(BaseAdapter):
         batch_size=256,
         device="auto",
         verbose=0,
+        cache=True,
     ):
         self.extractor = extractor
         self.head = head
@@ -146,6 +155,7 @@ class LayerVariationalAdapter(BaseAdapter):
         self.batch_size = batch_size
         self.device = device
         self.verbose = verbose
+        self.cache = cache
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
@@ -237,7 +247,7 @@ class LayerVariationalAdapter(BaseAdapter):
                     f"(ndim {spec.y_ndim}); pass targets of the same shape in every call."
                 )
             s = check_sample_weight(sample_weight, X.shape[0])
-            batches = feature_batches(self._runtime_extractor(), X, self.batch_size)
+            batches = feature_batches(self._runtime_extractor(), X, self.batch_size, self.cache)
         m = accumulate_moments(batches, Y, s, spec.W0, spec.b0)
         moments = m if moments is None else _solvers.merge_moments(moments, m)
         n_seen += X.shape[0]

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import time
 from dataclasses import dataclass
 from numbers import Integral
 
+import joblib
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, RegressorMixin
@@ -74,6 +76,7 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
         "verbose": ["verbose"],
+        "cache": ["boolean", str, os.PathLike, joblib.Memory, None],
     }
 
     # -- validation -------------------------------------------------------------------
@@ -162,7 +165,7 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
 
         t0 = time.perf_counter()
         net = None if self.extractor is None else frozen_copy(self.extractor, device)
-        batches = feature_batches(net, X, self.batch_size)
+        batches = feature_batches(net, X, self.batch_size, self.cache)
         first = next(batches)
         d, feature_dtype = first[1].shape[1], first[2]
         self._check_prior(prior, Y.shape[1], d)
@@ -231,7 +234,7 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         check_is_fitted(self)
         X, _ = self._validate_X(X, reset=False)
         coef, intercept = self._coef_2d()
-        batches = feature_batches(self._runtime_extractor(), X, self.batch_size)
+        batches = feature_batches(self._runtime_extractor(), X, self.batch_size, self.cache)
         out = linear_outputs(batches, X.shape[0], coef, intercept)
         return out[:, 0] if np.ndim(self.coef_) == 1 else out
 

@@ -82,6 +82,8 @@ class LayerVariationalAdapterCV(BaseAdapter):
         Where the extractor runs.
     verbose : int, default=0
         Print the time of the forward pass, the search and the refit when > 0.
+    cache : bool, str, os.PathLike or joblib.Memory, default=True
+        Feature cache, as in :class:`LayerVariationalAdapter`.
 
     Attributes
     ----------
@@ -141,6 +143,7 @@ class LayerVariationalAdapterCV(BaseAdapter):
         batch_size=256,
         device="auto",
         verbose=0,
+        cache=True,
     ):
         self.extractor = extractor
         self.head = head
@@ -151,6 +154,7 @@ class LayerVariationalAdapterCV(BaseAdapter):
         self.batch_size = batch_size
         self.device = device
         self.verbose = verbose
+        self.cache = cache
 
     def _check_alphas(self):
         alphas = np.asarray(self.alphas, dtype=np.float64)

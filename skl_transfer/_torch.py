@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from . import _solvers
+from ._cache import CachedExtractor
 
 
 def is_tensor(x):
@@ -121,19 +122,31 @@ def _forward(net, xb):
     return out
 
 
-def feature_batches(net, X, batch_size):
+def _forward_rows(net, X, sl, idx, device, dtype):
+    """Flattened features of the rows of X at positions ``idx`` within slice ``sl``."""
+    rows = np.arange(sl.start, sl.stop)[idx]
+    out = _forward(net, _input_batch(X, rows, device, dtype))
+    return out.reshape(out.shape[0], -1)
+
+
+def feature_batches(net, X, batch_size, cache=False):
     """Yield ``(slice, Z, dtype)``: flattened features as float64 tensors on the net's device.
 
     ``net`` is a frozen copy from :func:`frozen_copy`, or None when X (a float64 numpy
     array) already holds the features. ``dtype`` is the extractor's output dtype. With an
-    extractor, the first batch is the first sample alone.
+    extractor, the first batch is the first sample alone. ``cache`` is the estimators'
+    parameter (see :mod:`skl_transfer._cache`): cached rows skip the extractor, and the
+    extractor runs only on the rows of a batch that no cache holds.
     Features stay on the device: the work on them (moments, predictions) is done by torch
     too, so torch's and numpy's thread pools never alternate batch by batch, which on a
     few cores costs an order of magnitude.
     """
     n = X.shape[0]
+    cached = None
     if net is not None:
         device, dtype = module_device(net), floating_dtype(net)
+        if cache is not False and cache is not None:
+            cached = CachedExtractor(cache, net, device, dtype, X)
     # The first sample goes alone: shape errors and the feature size surface after one
     # sample, before the bulk of the work.
     starts = [0, *range(1, n, batch_size)] if net is not None else range(0, n, batch_size)
@@ -143,14 +156,18 @@ def feature_batches(net, X, batch_size):
             yield sl, torch.from_numpy(X[sl]), torch.float64
             continue
         with torch.inference_mode():
-            out = _forward(net, _input_batch(X, sl, device, dtype))
-            Z = out.reshape(out.shape[0], -1).to(torch.float64)
+            if cached is None:
+                out = _forward(net, _input_batch(X, sl, device, dtype))
+                out_dtype, Z = out.dtype, out.reshape(out.shape[0], -1).to(torch.float64)
+            else:
+                raw = cached.features(X, sl, lambda idx, sl=sl: _forward_rows(net, X, sl, idx, device, dtype))
+                out_dtype, Z = raw.dtype, raw.to(device=device, dtype=torch.float64)
             if not bool(torch.isfinite(Z).all()):
                 raise ValueError(
                     "The extractor produced NaN or infinite features; check its weights and "
                     "the scale and dtype of X (float16 overflows above 65504)."
                 )
-        yield sl, Z, out.dtype
+        yield sl, Z, out_dtype
 
 
 def _as_device_arrays(device, *arrays):

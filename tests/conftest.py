@@ -4,10 +4,14 @@ import pytest
 import torch
 from torch import nn
 
+from skl_transfer import clear_cache
+
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_empty_cache():
+    """Each test starts with seeded torch and an empty in-memory feature cache."""
     torch.manual_seed(0)
+    clear_cache()
 
 
 class RowCounter:
@@ -78,3 +82,24 @@ def head_arrays(head):
     W0 = head.weight.detach().double().numpy()
     b0 = None if head.bias is None else head.bias.detach().double().numpy()
     return W0, b0
+
+
+class FileCountingModule(nn.Module):
+    """Counts rows across processes: every forward appends its batch size to a file."""
+
+    def __init__(self, inner, path):
+        super().__init__()
+        self.inner = inner
+        self.path = str(path)
+
+    def forward(self, x):
+        with open(self.path, "a") as f:
+            f.write(f"{x.shape[0]}\n")
+        return self.inner(x)
+
+    def rows_seen(self):
+        try:
+            with open(self.path) as f:
+                return sum(int(line) for line in f if line.strip())
+        except FileNotFoundError:
+            return 0

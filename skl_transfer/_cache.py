@@ -1,0 +1,265 @@
+"""Feature cache: an extractor runs on each distinct sample once per process (or per directory).
+
+A feature row is stored under two keys:
+
+* the *model key*: the extractor's class, its structure (``repr``), every parameter and
+  buffer (name, dtype, shape and bytes), the device it runs on, and the dtype and per-sample
+  shape of the inputs;
+* the *row key*: a hash of the input row's bytes.
+
+A changed weight, buffer, input value, device or dtype is therefore a miss. Rows are kept
+in the extractor's output precision (bfloat16 as float32, exactly), so a cached feature
+converts to the same float64 value as a fresh one. Two levels:
+
+* :class:`MemoryCache`, one per process, least-recently-used, bounded in bytes
+  (default 1 GiB; :func:`set_cache_limit`);
+* :class:`DiskCache`, an SQLite file in a directory the user names (``cache="dir"``), shared
+  by all processes that see the directory (joblib's loky workers, dask workers on one
+  machine or on a shared file system with working file locks), unbounded: clear it with
+  :func:`clear_cache` or delete the directory.
+
+Missing rows are computed while holding a lock (a thread lock per model key, and SQLite's
+write lock for a directory), so concurrent threads or processes never run the extractor
+twice on the same sample.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import threading
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+DEFAULT_LIMIT = 1 << 30  # bytes of feature rows kept in memory per process
+
+
+def _tensor_bytes(t):
+    t = t.detach().cpu().contiguous()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy().tobytes()
+
+
+def model_key(net, device, input_dtype, input_shape, input_kind):
+    """Hash of everything that decides the features of a row, apart from the row itself."""
+    h = hashlib.blake2b(digest_size=20)
+    for part in (
+        type(net).__module__,
+        type(net).__qualname__,
+        repr(net),
+        str(device),
+        str(input_dtype),
+        str(tuple(input_shape)),
+        input_kind,
+    ):
+        h.update(part.encode())
+        h.update(b"\0")
+    for name, t in (*net.named_parameters(), *net.named_buffers()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(_tensor_bytes(t))
+    return h.hexdigest()
+
+
+def row_keys(rows):
+    """One 16-byte hash per row of a C-contiguous numpy array."""
+    flat = rows.reshape(rows.shape[0], -1)
+    return [hashlib.blake2b(r.tobytes(), digest_size=16).digest() for r in flat]
+
+
+def to_storage(Z):
+    """Features as (dtype tag, numpy array of the same bits); bfloat16 is kept as int16 bits."""
+    Z = Z.detach().cpu()
+    tag = str(Z.dtype).removeprefix("torch.")
+    return tag, (Z.view(torch.int16) if Z.dtype == torch.bfloat16 else Z).numpy()
+
+
+def from_storage(tag, rows):
+    """The inverse of :func:`to_storage`: a CPU tensor in the extractor's output dtype."""
+    t = torch.from_numpy(rows)
+    return t.view(torch.bfloat16) if tag == "bfloat16" else t
+
+
+def _storage_dtype(tag):
+    return np.int16 if tag == "bfloat16" else torch.empty(0, dtype=getattr(torch, tag)).numpy().dtype
+
+
+class MemoryCache:
+    """Least-recently-used map from (model key, row key) to a stored feature row
+    ``(dtype tag, array)``, bounded in bytes."""
+
+    def __init__(self, max_bytes=DEFAULT_LIMIT):
+        self.max_bytes = max_bytes
+        self.nbytes = 0
+        self._rows = OrderedDict()
+        self._guard = threading.Lock()
+        self._locks = {}
+
+    def lock(self, mkey):
+        with self._guard:
+            return self._locks.setdefault(mkey, threading.RLock())
+
+    def get(self, mkey, keys):
+        out = []
+        with self._guard:
+            for k in keys:
+                row = self._rows.get((mkey, k))
+                if row is not None:
+                    self._rows.move_to_end((mkey, k))
+                out.append(row)
+        return out
+
+    def put(self, mkey, keys, rows):
+        with self._guard:
+            if self.max_bytes > 0:
+                for k, row in zip(keys, rows, strict=True):
+                    if (mkey, k) not in self._rows:
+                        self._rows[(mkey, k)] = row
+                        self.nbytes += row[1].nbytes
+            self._evict()
+
+    def _evict(self):
+        while self.nbytes > self.max_bytes and self._rows:
+            _, old = self._rows.popitem(last=False)
+            self.nbytes -= old[1].nbytes
+
+    def clear(self):
+        with self._guard:
+            self._rows.clear()
+            self.nbytes = 0
+
+
+class DiskCache:
+    """Feature rows in ``<directory>/skl_transfer_features.sqlite``, shared between processes."""
+
+    FILENAME = "skl_transfer_features.sqlite"
+
+    def __init__(self, directory):
+        os.makedirs(directory, exist_ok=True)
+        self.path = os.path.join(os.fspath(directory), self.FILENAME)
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS rows (model TEXT, row BLOB, dtype TEXT, data BLOB, "
+                "PRIMARY KEY (model, row))"
+            )
+
+    def _connect(self):
+        return sqlite3.connect(self.path, timeout=600, isolation_level=None)
+
+    def get(self, con, mkey, keys):
+        found = {}
+        for start in range(0, len(keys), 500):
+            chunk = keys[start : start + 500]
+            q = f"SELECT row, dtype, data FROM rows WHERE model = ? AND row IN ({','.join('?' * len(chunk))})"
+            for row, tag, data in con.execute(q, (mkey, *chunk)):
+                found[row] = (tag, np.frombuffer(data, dtype=_storage_dtype(tag)))
+        return [found.get(k) for k in keys]
+
+    def put(self, con, mkey, keys, rows):
+        con.executemany(
+            "INSERT OR IGNORE INTO rows VALUES (?, ?, ?, ?)",
+            [(mkey, k, tag, r.tobytes()) for k, (tag, r) in zip(keys, rows, strict=True)],
+        )
+
+
+_MEMORY = MemoryCache()
+_DISKS: dict[str, DiskCache] = {}
+_DISKS_GUARD = threading.Lock()
+
+
+def set_cache_limit(max_bytes):
+    """Bound the in-memory feature cache of this process (bytes; 0 disables it).
+
+    The default is 1 GiB. Lowering the bound evicts the least recently used rows.
+    """
+    if max_bytes < 0:
+        raise ValueError(f"max_bytes must be >= 0, got {max_bytes}.")
+    with _MEMORY._guard:
+        _MEMORY.max_bytes = int(max_bytes)
+        _MEMORY._evict()
+
+
+def clear_cache(directory=None):
+    """Empty this process's in-memory feature cache, and the cache file in ``directory`` if given."""
+    _MEMORY.clear()
+    if directory is not None:
+        path = os.path.join(os.fspath(directory), DiskCache.FILENAME)
+        for suffix in ("", "-wal", "-shm"):
+            if os.path.exists(path + suffix):
+                os.remove(path + suffix)
+        with _DISKS_GUARD:
+            _DISKS.pop(path, None)
+
+
+def cache_info():
+    """Rows and bytes held by this process's in-memory feature cache, and its bound."""
+    return {"rows": len(_MEMORY._rows), "bytes": _MEMORY.nbytes, "max_bytes": _MEMORY.max_bytes}
+
+
+def resolve(cache):
+    """The estimator's ``cache`` parameter -> (use memory cache, DiskCache or None)."""
+    if cache is False or cache is None:
+        return False, None
+    if cache is True:
+        return True, None
+    location = getattr(cache, "location", cache)  # joblib.Memory
+    if location is None:
+        return True, None
+    path = os.path.join(os.fspath(location), DiskCache.FILENAME)
+    with _DISKS_GUARD:
+        disk = _DISKS.get(path)
+        if disk is None:
+            disk = _DISKS[path] = DiskCache(location)
+    return True, disk
+
+
+class CachedExtractor:
+    """Features of rows of X through the caches; misses go through ``compute(rows)``."""
+
+    def __init__(self, cache, net, device, input_dtype, X):
+        self.use_memory, self.disk = resolve(cache)
+        kind = "tensor" if isinstance(X, torch.Tensor) else f"numpy:{X.dtype.str}"
+        self.mkey = model_key(net, device, input_dtype, X.shape[1:], kind)
+
+    def features(self, X, sl, compute):
+        """Features of rows ``sl`` of X as a CPU tensor in the extractor's output dtype.
+
+        ``compute(indices)`` runs the extractor on the rows ``sl`` at those positions.
+        """
+        rows = X[sl]
+        host = rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+        keys = row_keys(np.ascontiguousarray(host))
+        with _MEMORY.lock(self.mkey):
+            found = _MEMORY.get(self.mkey, keys) if self.use_memory else [None] * len(keys)
+            missing = [i for i, f in enumerate(found) if f is None]
+            if missing and self.disk is not None:
+                con = self.disk._connect()
+                try:
+                    con.execute("BEGIN IMMEDIATE")  # one writer at a time: misses computed once
+                    got = self.disk.get(con, self.mkey, [keys[i] for i in missing])
+                    for i, f in zip(missing, got, strict=True):
+                        found[i] = f
+                    self._compute_into(found, [i for i in missing if found[i] is None], compute, keys, con)
+                    con.execute("COMMIT")
+                finally:
+                    con.close()
+            elif missing:
+                self._compute_into(found, missing, compute, keys, None)
+            if missing and self.use_memory:
+                _MEMORY.put(self.mkey, [keys[i] for i in missing], [found[i] for i in missing])
+        tag = found[0][0]
+        return from_storage(tag, np.stack([f[1] for f in found]))
+
+    def _compute_into(self, found, idx, compute, keys, con):
+        if not idx:
+            return
+        tag, new = to_storage(compute(idx))
+        stored = [(tag, row) for row in new]
+        if con is not None:
+            self.disk.put(con, self.mkey, [keys[i] for i in idx], stored)
+        for i, f in zip(idx, stored, strict=True):
+            found[i] = f
