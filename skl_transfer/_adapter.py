@@ -5,12 +5,14 @@ from __future__ import annotations
 import time
 from numbers import Real
 
+import numpy as np
 from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
 
 from . import _solvers
 from ._base import BaseAdapter
-from ._torch import accumulate_moments, feature_batches, gather_features
+from ._dask import dask_moments, is_dask_array
+from ._torch import accumulate_moments, gather_features, to_numpy
 from ._validation import check_sample_weight
 
 
@@ -175,6 +177,8 @@ class LayerVariationalAdapter(BaseAdapter):
         self : object
             Fitted estimator.
         """
+        if is_dask_array(X):
+            return self._fit_dask(X, y, sample_weight)
         p = self._start(X, y, sample_weight)
         spec = p.spec
         if p.n_samples >= spec.d:
@@ -202,6 +206,33 @@ class LayerVariationalAdapter(BaseAdapter):
         self.solver_ = solver
         self.n_samples_seen_ = p.n_samples
         self._moments = moments  # lets partial_fit continue a primal fit
+        return self
+
+    def _fit_dask(self, X, y, sample_weight):
+        """Fit over a dask array: block moments on the workers, merged, one primal solve."""
+        if X.ndim < 2 or any(np.isnan(c) for c in X.chunks[0]):
+            raise ValueError(
+                "A dask X needs shape (n_samples, *input_shape) with known chunk sizes; "
+                "call X.compute_chunk_sizes() first."
+            )
+        n = X.shape[0]
+        y = y if is_dask_array(y) else np.asarray(to_numpy(y))
+        if y is None or y.shape[0] != n:
+            raise ValueError(f"X has {n} samples but y has {None if y is None else y.shape[0]}.")
+        if sample_weight is not None and not is_dask_array(sample_weight):
+            sample_weight = check_sample_weight(sample_weight, n)
+        s = np.ones(n) if sample_weight is None else sample_weight
+        # set up (validation, frozen copy, feature size) on the first sample, here
+        p = self._start(np.asarray(X[:1].compute()), np.asarray(y[:1]), None)
+        spec = p.spec
+        moments = dask_moments(p.net, X, y, s, spec.W0, spec.b0, self.batch_size, self.cache)
+        if not moments.weight > 0:
+            raise ValueError("sample_weight sums to zero; give at least one sample a positive weight.")
+        dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, spec.fit_intercept, spec.rtol(n))
+        self._store(spec, X, p.net, dWt, db, _solvers.uncentred(moments)[2], residual_sq)
+        self.solver_ = "primal"
+        self.n_samples_seen_ = n
+        self._moments = moments
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -247,7 +278,7 @@ class LayerVariationalAdapter(BaseAdapter):
                     f"(ndim {spec.y_ndim}); pass targets of the same shape in every call."
                 )
             s = check_sample_weight(sample_weight, X.shape[0])
-            batches = feature_batches(self._runtime_extractor(), X, self.batch_size, self.cache)
+            batches = self._features(self._runtime_extractor(), X)
         m = accumulate_moments(batches, Y, s, spec.W0, spec.b0)
         moments = m if moments is None else _solvers.merge_moments(moments, m)
         n_seen += X.shape[0]

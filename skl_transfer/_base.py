@@ -165,7 +165,7 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
 
         t0 = time.perf_counter()
         net = None if self.extractor is None else frozen_copy(self.extractor, device)
-        batches = feature_batches(net, X, self.batch_size, self.cache)
+        batches = iter(self._features(net, X))
         first = next(batches)
         d, feature_dtype = first[1].shape[1], first[2]
         self._check_prior(prior, Y.shape[1], d)
@@ -179,6 +179,22 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
             feature_dtype=feature_dtype,
         )
         return Problem(X, Y, s, spec, net, itertools.chain([first], batches), t0)
+
+    def _features(self, net, X, desc="features"):
+        """The feature stream of X, with a tqdm progress bar over batches when verbose."""
+        batches = feature_batches(net, X, self.batch_size, self.cache)
+        n_batches = 0 if X.shape[0] == 0 else 1 + -(-(X.shape[0] - 1) // self.batch_size)
+        return self._progress(batches, n_batches if net is not None else None, desc)
+
+    def _progress(self, iterable, total, desc):
+        """``tqdm(iterable)`` when verbose > 0 and tqdm is installed (the "progress" extra)."""
+        if not self.verbose or total is None:
+            return iterable
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return iterable
+        return tqdm(iterable, total=total, desc=f"{type(self).__name__} {desc}", leave=False)
 
     def _log(self, message):
         if self.verbose:
@@ -234,7 +250,7 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         check_is_fitted(self)
         X, _ = self._validate_X(X, reset=False)
         coef, intercept = self._coef_2d()
-        batches = feature_batches(self._runtime_extractor(), X, self.batch_size, self.cache)
+        batches = self._features(self._runtime_extractor(), X, desc="predict")
         out = linear_outputs(batches, X.shape[0], coef, intercept)
         return out[:, 0] if np.ndim(self.coef_) == 1 else out
 

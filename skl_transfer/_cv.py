@@ -223,7 +223,8 @@ class LayerVariationalAdapterCV(BaseAdapter):
             scorer = check_scoring(_FixedPredictions(), self.scoring)
             weigh = sample_weight is not None and _accepts_sample_weight(scorer)
             scores = np.empty((len(folds), len(alphas)))
-            for fold, j, Q_pred in _solvers.kfold_path(Z, Q, p.s, folds, alphas, spec.fit_intercept, rtol):
+            path = _solvers.kfold_path(Z, Q, p.s, folds, alphas, spec.fit_intercept, rtol)
+            for fold, j, Q_pred in self._progress(path, len(folds) * len(alphas), "folds x alphas"):
                 test = folds[fold][1]
                 pred = as_y(Q_pred + prior_out[test])
                 kwargs = {"sample_weight": p.s[test]} if weigh else {}

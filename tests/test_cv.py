@@ -126,3 +126,11 @@ def test_cv_to_module_and_pickle():
     assert_allclose(again.predict(X), est.predict(X))
     out = est.to_module()(torch.as_tensor(X, dtype=torch.float32)).double().numpy()[:, 0]
     assert_allclose(out, est.predict(X), rtol=1e-5, atol=1e-5)
+
+
+def test_verbose_shows_progress_bars(capsys):
+    pytest.importorskip("tqdm")
+    X, y = _data(60)
+    LayerVariationalAdapterCV(make_body(), make_head(), cv=3, verbose=1, batch_size=8).fit(X, y)
+    err = capsys.readouterr().err
+    assert "LayerVariationalAdapterCV features" in err and "folds x alphas" in err
