@@ -183,7 +183,13 @@ class LayerVariationalAdapter(BaseAdapter):
         spec = p.spec
         if p.n_samples >= spec.d:
             solver = "primal"
-            moments = accumulate_moments(p.batches, p.Y, p.s, spec.W0, spec.b0)
+            # a search fits every candidate on the same folds: their moments are computed once
+            key = None if p.cached is None else p.cached.moments_key(p.Y, p.s, spec.W0, spec.b0)
+            moments = None if key is None else p.cached.get_moments(key)
+            if moments is None:
+                moments = accumulate_moments(p.batches, p.Y, p.s, spec.W0, spec.b0)
+                if key is not None:
+                    p.cached.put_moments(key, moments)
             t1 = time.perf_counter()
             dWt, db, residual_sq = _solvers.ridge_primal(
                 moments, self.alpha, spec.fit_intercept, spec.rtol(p.n_samples)

@@ -18,7 +18,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _solvers
 from ._heads import AdaptedNetwork, Prior, as_prior, make_linear
-from ._torch import feature_batches, frozen_copy, linear_outputs, resolve_device, to_numpy
+from ._torch import cached_extractor, feature_batches, frozen_copy, linear_outputs, resolve_device, to_numpy
 from ._validation import check_input, check_sample_weight, check_target
 
 
@@ -60,6 +60,7 @@ class Problem:
     net: torch.nn.Module | None
     batches: object
     t0: float
+    cached: object = None  # the feature cache of this call, or None
 
     @property
     def n_samples(self):
@@ -165,7 +166,8 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
 
         t0 = time.perf_counter()
         net = None if self.extractor is None else frozen_copy(self.extractor, device)
-        batches = iter(self._features(net, X))
+        cached = cached_extractor(net, X, self.cache)
+        batches = iter(self._features(net, X, cached=cached))
         first = next(batches)
         d, feature_dtype = first[1].shape[1], first[2]
         self._check_prior(prior, Y.shape[1], d)
@@ -178,11 +180,13 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
             fit_intercept=fit_intercept,
             feature_dtype=feature_dtype,
         )
-        return Problem(X, Y, s, spec, net, itertools.chain([first], batches), t0)
+        return Problem(X, Y, s, spec, net, itertools.chain([first], batches), t0, cached)
 
-    def _features(self, net, X, desc="features"):
+    def _features(self, net, X, desc="features", cached=None):
         """The feature stream of X, with a tqdm progress bar over batches when verbose."""
-        batches = feature_batches(net, X, self.batch_size, self.cache)
+        if cached is None:
+            cached = cached_extractor(net, X, self.cache)
+        batches = feature_batches(net, X, self.batch_size, cached)
         n_batches = 0 if X.shape[0] == 0 else 1 + -(-(X.shape[0] - 1) // self.batch_size)
         return self._progress(batches, n_batches if net is not None else None, desc)
 

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from . import _solvers
-from ._torch import accumulate_moments, feature_batches
+from ._torch import accumulate_moments, cached_extractor, feature_batches
 
 
 def is_dask_array(X):
@@ -28,7 +28,11 @@ def _block_moments(net, X, Y, s, W0, b0, batch_size, cache):
     if not np.isfinite(Y).all():
         raise ValueError("Input y contains NaN or infinity; remove or impute those samples.")
     return accumulate_moments(
-        feature_batches(net, X, batch_size, cache), Y, np.asarray(s, dtype=np.float64), W0, b0
+        feature_batches(net, X, batch_size, cached_extractor(net, X, cache)),
+        Y,
+        np.asarray(s, dtype=np.float64),
+        W0,
+        b0,
     )
 
 

@@ -122,31 +122,43 @@ def _forward(net, xb):
     return out
 
 
-def _forward_rows(net, X, sl, idx, device, dtype):
-    """Flattened features of the rows of X at positions ``idx`` within slice ``sl``."""
-    rows = np.arange(sl.start, sl.stop)[idx]
+def _check_finite(Z):
+    if not bool(torch.isfinite(Z).all()):
+        raise ValueError(
+            "The extractor produced NaN or infinite features; check its weights and "
+            "the scale and dtype of X (float16 overflows above 65504)."
+        )
+    return Z
+
+
+def _forward_rows(net, X, rows, device, dtype):
+    """Flattened, finite-checked features of the rows of X at ``rows`` (a slice or indices)."""
     out = _forward(net, _input_batch(X, rows, device, dtype))
-    return out.reshape(out.shape[0], -1)
+    return _check_finite(out.reshape(out.shape[0], -1))
 
 
-def feature_batches(net, X, batch_size, cache=False):
+def cached_extractor(net, X, cache):
+    """The feature cache for this extractor and X, or None (``cache`` off or no extractor)."""
+    if net is None or cache is False or cache is None:
+        return None
+    return CachedExtractor(cache, net, module_device(net), floating_dtype(net), X)
+
+
+def feature_batches(net, X, batch_size, cached=None):
     """Yield ``(slice, Z, dtype)``: flattened features as float64 tensors on the net's device.
 
     ``net`` is a frozen copy from :func:`frozen_copy`, or None when X (a float64 numpy
     array) already holds the features. ``dtype`` is the extractor's output dtype. With an
     extractor, the first batch is the first sample alone. ``cache`` is the estimators'
-    parameter (see :mod:`skl_transfer._cache`): cached rows skip the extractor, and the
-    extractor runs only on the rows of a batch that no cache holds.
+    ``cached`` is a :func:`cached_extractor` or None: cached rows skip the extractor, which
+    runs only on the rows of a batch that no cache holds.
     Features stay on the device: the work on them (moments, predictions) is done by torch
     too, so torch's and numpy's thread pools never alternate batch by batch, which on a
     few cores costs an order of magnitude.
     """
     n = X.shape[0]
-    cached = None
     if net is not None:
         device, dtype = module_device(net), floating_dtype(net)
-        if cache is not False and cache is not None:
-            cached = CachedExtractor(cache, net, device, dtype, X)
     # The first sample goes alone: shape errors and the feature size surface after one
     # sample, before the bulk of the work.
     starts = [0, *range(1, n, batch_size)] if net is not None else range(0, n, batch_size)
@@ -157,17 +169,17 @@ def feature_batches(net, X, batch_size, cache=False):
             continue
         with torch.inference_mode():
             if cached is None:
-                out = _forward(net, _input_batch(X, sl, device, dtype))
-                out_dtype, Z = out.dtype, out.reshape(out.shape[0], -1).to(torch.float64)
+                raw = _forward_rows(net, X, sl, device, dtype)
             else:
-                raw = cached.features(X, sl, lambda idx, sl=sl: _forward_rows(net, X, sl, idx, device, dtype))
-                out_dtype, Z = raw.dtype, raw.to(device=device, dtype=torch.float64)
-            if not bool(torch.isfinite(Z).all()):
-                raise ValueError(
-                    "The extractor produced NaN or infinite features; check its weights and "
-                    "the scale and dtype of X (float16 overflows above 65504)."
+                raw = cached.features(
+                    X,
+                    sl,
+                    lambda idx, sl=sl: _forward_rows(
+                        net, X, np.arange(sl.start, sl.stop)[idx], device, dtype
+                    ),
                 )
-        yield sl, Z, out_dtype
+            Z = raw.to(device=device, dtype=torch.float64)
+        yield sl, Z, raw.dtype
 
 
 def _as_device_arrays(device, *arrays):

@@ -90,7 +90,7 @@ def test_memory_bound_and_disabling():
         set_cache_limit(100 * 16 * 8)  # room for 100 float64 rows of 16 features
         LayerVariationalAdapter(body).fit(X, y)
         info = cache_info()
-        assert info["bytes"] <= info["max_bytes"] == 12800 and info["rows"] == 100
+        assert info["bytes"] <= info["max_bytes"] == 12800 and 0 < info["rows"] <= 100
         set_cache_limit(0)
         LayerVariationalAdapter(body).fit(X, y)
         LayerVariationalAdapter(body).fit(X, y)
@@ -131,3 +131,20 @@ def test_directory_cache_across_loky_workers(tmp_path, as_memory):
     np.testing.assert_allclose(
         par.cv_results_["mean_test_score"], ref.cv_results_["mean_test_score"], rtol=1e-12
     )
+
+
+def test_cached_moments_follow_targets_weights_and_prior():
+    body = make_body()
+    X, y = _data(120)
+    rng = np.random.default_rng(9)
+    variants = [
+        dict(y=y, sw=None, head=make_head()),
+        dict(y=y + 1.0, sw=None, head=make_head()),  # other targets
+        dict(y=y, sw=rng.uniform(0.5, 1.5, 120), head=make_head()),  # other weights
+        dict(y=y, sw=None, head=make_head(seed=7)),  # other prior
+    ]
+    for v in variants * 2:  # the second round hits the caches
+        cached = LayerVariationalAdapter(body, v["head"], alpha=0.1).fit(X, v["y"], sample_weight=v["sw"])
+        plain = LayerVariationalAdapter(body, v["head"], alpha=0.1, cache=False).fit(X, v["y"], sample_weight=v["sw"])
+        assert_array_equal(cached.coef_, plain.coef_)
+        assert_array_equal(cached.intercept_, plain.intercept_)

@@ -1,0 +1,163 @@
+"""A whole regularisation study at about the cost of one fit (the performance bar of the CV tools).
+
+A convolutional extractor where the forward pass dominates: a 4-layer CNN (64-128-256
+channels, about 40 M multiply-adds per image, global average pooling to d = 256 features;
+small next to a ResNet-18, which needs about 560 M at this size) on 10,000 generated 32 x 32
+images. Timed side by side in one run (medians of --repeats
+runs, the feature cache emptied before each timed call so every call pays its own forward
+passes):
+
+* ``one_fit``: ``LayerVariationalAdapter(alpha=1).fit`` (cache off): the unit;
+* ``cv``: ``LayerVariationalAdapterCV`` over 30 alphas x 5 folds;
+* ``grid_cached``: ``GridSearchCV(LayerVariationalAdapter(...), 30 alphas, cv=5)`` with the
+  default in-memory feature cache (151 fits, each distinct image through the CNN once);
+* ``grid_uncached``: the same search with ``cache=False`` over --uncached-alphas alphas only
+  (every fit reruns the CNN), one run; its ratio is also scaled linearly to 30 alphas.
+
+The CV and cached-search results are checked equal (alpha_ and mean scores to 1e-8).
+
+    python benchmarks/bench_study.py            # n = 10000, repeats = 3 (about 9 minutes on 2 cores)
+    python benchmarks/bench_study.py --quick    # n = 1000
+"""
+
+import argparse
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from _common import RESULTS, write_csv
+from sklearn.model_selection import GridSearchCV, KFold
+from torch import nn
+
+from skl_transfer import LayerVariationalAdapter, LayerVariationalAdapterCV, clear_cache
+
+
+def make_images(n, seed=0):
+    """Sums of random Gaussian blobs, 1 x 32 x 32; the target is a smooth function of them."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(np.arange(32), np.arange(32), indexing="ij"), -1).astype(np.float32)
+    X = np.zeros((n, 1, 32, 32), dtype=np.float32)
+    centres = rng.uniform(4, 28, size=(n, 3, 2)).astype(np.float32)
+    widths = rng.uniform(1.5, 5, size=(n, 3)).astype(np.float32)
+    for j in range(3):
+        d2 = ((grid[None] - centres[:, j, None, None, :]) ** 2).sum(-1)
+        X[:, 0] += np.exp(-d2 / (2 * widths[:, j, None, None] ** 2))
+    y = widths.mean(1) + 0.1 * centres[:, :, 0].mean(1) + 0.05 * rng.normal(size=n)
+    return X, y
+
+
+def make_cnn(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(128, 128, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(128, 256, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )  # fmt: skip
+
+
+def timed(fn, repeats):
+    times, out = [], None
+    for _ in range(repeats):
+        clear_cache()
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--uncached-alphas", type=int, default=1)
+    args = parser.parse_args(argv)
+    n = 1000 if args.quick else 10000
+    X, y = make_images(n)
+    body, head = make_cnn(), nn.Linear(256, 1)
+    alphas = np.logspace(-4, 3, 30)
+    cv = KFold(5, shuffle=True, random_state=0)
+    scoring = "neg_mean_squared_error"
+
+    t_fit, _ = timed(
+        lambda: LayerVariationalAdapter(body, head, alpha=1.0, cache=False).fit(X, y), args.repeats
+    )
+    t_cv, lcv = timed(
+        lambda: LayerVariationalAdapterCV(body, head, alphas=alphas, cv=cv, scoring=scoring, cache=False).fit(
+            X, y
+        ),
+        args.repeats,
+    )
+    grid = {"alpha": list(alphas)}
+    t_grid, gs = timed(
+        lambda: GridSearchCV(LayerVariationalAdapter(body, head), grid, cv=cv, scoring=scoring).fit(X, y),
+        args.repeats,
+    )
+    assert lcv.alpha_ == gs.best_params_["alpha"]
+    np.testing.assert_allclose(
+        lcv.cv_results_["mean_test_score"], gs.cv_results_["mean_test_score"], rtol=1e-8
+    )
+    few = {"alpha": list(alphas[:: len(alphas) // args.uncached_alphas][: args.uncached_alphas])}
+    t_unc, _ = timed(
+        lambda: GridSearchCV(
+            LayerVariationalAdapter(body, head, cache=False), few, cv=cv, scoring=scoring
+        ).fit(X, y),
+        1,
+    )
+    n_few = len(few["alpha"])
+    rows = [
+        dict(method="one fit (alpha=1)", fits=1, seconds=t_fit, ratio_to_one_fit=1.0),
+        dict(
+            method="LayerVariationalAdapterCV, 30 alphas x 5 folds",
+            fits=151,
+            seconds=t_cv,
+            ratio_to_one_fit=t_cv / t_fit,
+        ),
+        dict(
+            method="GridSearchCV, 30 alphas x 5 folds, default cache",
+            fits=151,
+            seconds=t_grid,
+            ratio_to_one_fit=t_grid / t_fit,
+        ),
+        dict(
+            method=f"GridSearchCV, {n_few} alphas x 5 folds, no cache (1 run)",
+            fits=5 * n_few + 1,
+            seconds=t_unc,
+            ratio_to_one_fit=t_unc / t_fit,
+        ),
+        dict(
+            method="  same, scaled to 30 alphas x 5 folds",
+            fits=151,
+            seconds=t_unc * 151 / (5 * n_few + 1),
+            ratio_to_one_fit=t_unc * 151 / (5 * n_few + 1) / t_fit,
+        ),
+    ]
+    print(
+        f"n = {n} images 32x32, d = 256 CNN features, {torch.get_num_threads()} torch threads, "
+        f"medians of {args.repeats} runs"
+    )
+    for r in rows:
+        print(f"{r['method']:<58} {r['seconds']:>9.2f} s  {r['ratio_to_one_fit']:>7.2f} x one fit")
+    name = "bench_study_quick" if args.quick else "bench_study"
+    path = write_csv(name, rows)
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.barh([r["method"] for r in rows][::-1], [r["ratio_to_one_fit"] for r in rows][::-1], color="tab:blue")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel("time / one fit (log scale)")
+    ax.set_title(f"A 30-alpha x 5-fold study, {n} images, d = 256")
+    fig.tight_layout()
+    fig.savefig(RESULTS / f"{name}.png", dpi=120)
+    print(f"wrote {path} and {RESULTS / (name + '.png')}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
