@@ -208,7 +208,7 @@ class LayerVariationalAdapter(BaseAdapter):
             f"{p.n_samples} samples, {spec.d} features, {solver} solve: "
             f"features {t1 - p.t0:.3f}s, solve {time.perf_counter() - t1:.3f}s"
         )
-        self._store(spec, p.X, p.net, dWt, db, residue_sq, residual_sq)
+        self._store(spec, p.X, p.net, dWt, db, residue_sq, residual_sq, p.digest)
         self.solver_ = solver
         self.n_samples_seen_ = p.n_samples
         self._moments = moments  # lets partial_fit continue a primal fit
@@ -235,7 +235,7 @@ class LayerVariationalAdapter(BaseAdapter):
         if not moments.weight > 0:
             raise ValueError("sample_weight sums to zero; give at least one sample a positive weight.")
         dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, spec.fit_intercept, spec.rtol(n))
-        self._store(spec, X, p.net, dWt, db, _solvers.uncentred(moments)[2], residual_sq)
+        self._store(spec, X, p.net, dWt, db, _solvers.uncentred(moments)[2], residual_sq, p.digest)
         self.solver_ = "primal"
         self.n_samples_seen_ = n
         self._moments = moments
@@ -274,8 +274,10 @@ class LayerVariationalAdapter(BaseAdapter):
         if moments is None:
             p = self._start(X, y, sample_weight)
             spec, X, Y, s, net, batches, n_seen = p.spec, p.X, p.Y, p.s, p.net, p.batches, 0
+            digest = p.digest
         else:
             spec, net, n_seen = self._spec, self.extractor_, self.n_samples_seen_
+            digest = self._weights_digest
             X, y = self._validate_X(X, reset=False, y=y)
             Y = y.reshape(X.shape[0], -1)
             if Y.shape[1] != spec.W0.shape[0] or y.ndim != spec.y_ndim:
@@ -291,7 +293,7 @@ class LayerVariationalAdapter(BaseAdapter):
         dWt, db, residual_sq = _solvers.ridge_primal(
             moments, self.alpha, spec.fit_intercept, spec.rtol(n_seen)
         )
-        self._store(spec, X, net, dWt, db, _solvers.uncentred(moments)[2], residual_sq)
+        self._store(spec, X, net, dWt, db, _solvers.uncentred(moments)[2], residual_sq, digest)
         self.solver_ = "primal"
         self.n_samples_seen_ = n_seen
         self._moments = moments

@@ -66,6 +66,10 @@ class Problem:
     def n_samples(self):
         return self.Y.shape[0]
 
+    @property
+    def digest(self):
+        return None if self.cached is None else self.cached.digest
+
 
 class BaseAdapter(RegressorMixin, BaseEstimator):
     """Base class of the adapters (not public): everything but the solve."""
@@ -184,8 +188,8 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
 
     def _features(self, net, X, desc="features", cached=None):
         """The feature stream of X, with a tqdm progress bar over batches when verbose."""
-        if cached is None:
-            cached = cached_extractor(net, X, self.cache)
+        if cached is None:  # predict: the fitted copy's weights were hashed in fit
+            cached = cached_extractor(net, X, self.cache, getattr(self, "_weights_digest", None))
         batches = feature_batches(net, X, self.batch_size, cached)
         n_batches = 0 if X.shape[0] == 0 else 1 + -(-(X.shape[0] - 1) // self.batch_size)
         return self._progress(batches, n_batches if net is not None else None, desc)
@@ -204,7 +208,7 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         if self.verbose:
             print(f"[{type(self).__name__}] {message}")
 
-    def _store(self, spec, X, net, dWt, db, residue_sq, residual_sq):
+    def _store(self, spec, X, net, dWt, db, residue_sq, residual_sq, digest=None):
         """Set the fitted attributes from the update ``(dW^T, db)``."""
         coef = spec.W0 + dWt.T
         intercept = spec.b0 + db
@@ -220,6 +224,7 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         self.extractor_ = None if net is None else net.to("cpu")
         self._extractor_on_device = None
         self._spec = spec
+        self._weights_digest = digest  # hash of the copy's weights, reused by predict's cache
 
     def _runtime_extractor(self):
         """The fitted extractor on the requested device (cached, never pickled)."""

@@ -44,24 +44,22 @@ def _tensor_bytes(t):
     return t.numpy().tobytes()
 
 
-def model_key(net, device, input_dtype, input_shape, input_kind):
-    """Hash of everything that decides the features of a row, apart from the row itself."""
+def weights_digest(net):
+    """Hash of the extractor itself: class, structure (``repr``), every parameter and buffer."""
     h = hashlib.blake2b(digest_size=20)
-    for part in (
-        type(net).__module__,
-        type(net).__qualname__,
-        repr(net),
-        str(device),
-        str(input_dtype),
-        str(tuple(input_shape)),
-        input_kind,
-    ):
+    for part in (type(net).__module__, type(net).__qualname__, repr(net)):
         h.update(part.encode())
         h.update(b"\0")
     for name, t in (*net.named_parameters(), *net.named_buffers()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(_tensor_bytes(t))
     return h.hexdigest()
+
+
+def model_key(digest, device, input_dtype, input_shape, input_kind):
+    """Key of everything that decides the features of a row, apart from the row itself."""
+    parts = (digest, str(device), str(input_dtype), str(tuple(input_shape)), input_kind)
+    return hashlib.blake2b("\0".join(parts).encode(), digest_size=20).hexdigest()
 
 
 def row_keys(rows):
@@ -241,10 +239,11 @@ class CachedExtractor:
     candidate of a fold) compute them once.
     """
 
-    def __init__(self, cache, net, device, input_dtype, X):
+    def __init__(self, cache, net, device, input_dtype, X, digest=None):
         self.use_memory, self.disk = resolve(cache)
         kind = "tensor" if isinstance(X, torch.Tensor) else f"numpy:{X.dtype.str}"
-        self.mkey = model_key(net, device, input_dtype, X.shape[1:], kind)
+        self.digest = weights_digest(net) if digest is None else digest
+        self.mkey = model_key(self.digest, device, input_dtype, X.shape[1:], kind)
         self.keys = []
         for start in range(0, X.shape[0], 4096):
             self.keys += row_keys(np.ascontiguousarray(_host(X[start : start + 4096])))

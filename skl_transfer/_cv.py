@@ -254,6 +254,6 @@ class LayerVariationalAdapterCV(BaseAdapter):
             f"{p.n_samples} samples, {spec.d} features, {len(alphas)} alphas: features "
             f"{t1 - p.t0:.3f}s, search {t2 - t1:.3f}s, {solver} refit {time.perf_counter() - t2:.3f}s"
         )
-        self._store(spec, p.X, p.net, dWt, db, float(p.s @ (Q * Q).sum(1)), residual_sq)
+        self._store(spec, p.X, p.net, dWt, db, float(p.s @ (Q * Q).sum(1)), residual_sq, p.digest)
         self.solver_ = solver
         return self

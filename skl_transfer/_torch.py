@@ -137,11 +137,15 @@ def _forward_rows(net, X, rows, device, dtype):
     return _check_finite(out.reshape(out.shape[0], -1))
 
 
-def cached_extractor(net, X, cache):
-    """The feature cache for this extractor and X, or None (``cache`` off or no extractor)."""
+def cached_extractor(net, X, cache, digest=None):
+    """The feature cache for this extractor and X, or None (``cache`` off or no extractor).
+
+    ``digest`` is the extractor's :func:`~skl_transfer._cache.weights_digest` when known
+    (the fitted private copy never changes, so predict need not hash its weights again).
+    """
     if net is None or cache is False or cache is None:
         return None
-    return CachedExtractor(cache, net, module_device(net), floating_dtype(net), X)
+    return CachedExtractor(cache, net, module_device(net), floating_dtype(net), X, digest)
 
 
 def feature_batches(net, X, batch_size, cached=None):

@@ -145,6 +145,8 @@ def test_cached_moments_follow_targets_weights_and_prior():
     ]
     for v in variants * 2:  # the second round hits the caches
         cached = LayerVariationalAdapter(body, v["head"], alpha=0.1).fit(X, v["y"], sample_weight=v["sw"])
-        plain = LayerVariationalAdapter(body, v["head"], alpha=0.1, cache=False).fit(X, v["y"], sample_weight=v["sw"])
+        plain = LayerVariationalAdapter(body, v["head"], alpha=0.1, cache=False).fit(
+            X, v["y"], sample_weight=v["sw"]
+        )
         assert_array_equal(cached.coef_, plain.coef_)
         assert_array_equal(cached.intercept_, plain.intercept_)
