@@ -106,8 +106,8 @@ class LayerVariationalAdapter(BaseAdapter):
     extractor's dtype. With ``n_samples >= d`` the weighted means and co-moments of
     (Z, Q) are merged batch by batch (Chan et al.), so memory is O(d^2 + batch_size) and
     the N x d feature matrix is never stored; otherwise the n x n kernel is used.
-    Gram eigenvalues below ``max(n, d) * max(eps64, eps_f**2)`` times the largest
-    (``eps_f``: the rounding of the extractor's dtype) are treated as zero for every alpha,
+    Gram eigenvalues below ``max(max(n, d) * eps64, eps_f**2)`` times the largest
+    (``eps_f``: the machine epsilon of the extractor's dtype) are treated as zero for every alpha,
     so rank-deficient features give the minimum-norm solution at ``alpha=0`` rather than
     inf or NaN, and the solution is continuous as alpha goes to 0.
 

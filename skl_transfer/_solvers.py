@@ -107,13 +107,16 @@ def uncentred(m):
 def gram_rtol(shape, feature_eps=0.0):
     """Relative threshold below which eigenvalues of a Gram matrix are treated as zero.
 
-    ``shape`` is the (n, d) shape of the feature matrix. Eigenvalues are squared singular
-    values: float64 accumulation leaves noise of order ``max(n, d) * eps64 * e_max`` in them,
-    and features computed in a lower precision (relative rounding ``feature_eps``) noise of
-    order ``max(n, d) * feature_eps^2 * e_max``. Feature directions weaker than
-    ``sqrt(rtol) * sigma_max`` cannot be told from that noise and are treated as absent.
+    ``shape`` is the (n, d) shape of the feature matrix, ``feature_eps`` the machine epsilon
+    of the dtype the features were computed in. Eigenvalues are squared singular values:
+    float64 accumulation leaves noise of order ``max(n, d) * eps64 * e_max`` in them, and
+    features rounded to ``feature_eps`` carry singular-value noise of order
+    ``feature_eps * sigma_max``, that is eigenvalue noise of order ``feature_eps^2 * e_max``.
+    The threshold is the larger of the two: feature directions weaker than
+    ``sqrt(rtol) * sigma_max`` (about 1e-7 for float64 and float32 features, 1e-3 for
+    float16) are treated as absent.
     """
-    return max(shape) * max(np.finfo(np.float64).eps, feature_eps**2)
+    return max(max(shape) * np.finfo(np.float64).eps, feature_eps**2)
 
 
 class Spectral(NamedTuple):

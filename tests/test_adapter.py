@@ -567,3 +567,15 @@ def test_object_and_bfloat16_inputs_are_converted():
     yb = torch.as_tensor(y).bfloat16().float().numpy()
     assert_allclose(obj.coef_, LayerVariationalAdapter(body, head).fit(X, yb).coef_, rtol=1e-12)
     assert ref.coef_.shape == obj.coef_.shape
+
+
+def test_float32_features_keep_weak_but_real_directions():
+    # A feature direction 1e-6 times weaker than the others is real in float32 (rounding
+    # ~6e-8): alpha = 0 must keep it, as numpy's lstsq on the same features does.
+    body = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        body.weight.copy_(torch.diag(torch.tensor([1.0, 0.5, 1e-6])))
+    X, y = _target(300, n_in=3)
+    est = LayerVariationalAdapter(body, alpha=0.0, fit_intercept=False).fit(X, y)
+    Z = reference_features(body, X)
+    assert_allclose(est.coef_, np.linalg.lstsq(Z, y, rcond=None)[0], rtol=1e-6)
