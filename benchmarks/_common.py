@@ -19,7 +19,7 @@ CACHE = HERE / ".cache"  # gitignored: pretrained weights
 
 
 def timeseries_setup(seed=937):
-    """Experiment 1 of the paper (Tseng et al., ICLR 2023, section on time series): data and the untrained network.
+    """Experiment 1 of the paper (Tseng et al., ICLR 2023): data and the untrained network.
 
     Returns ``t, x, t_new, x_new, net``: source (t, x) and target (t~, x~), float32 arrays of
     shape (2000, 1), with t = arange(-1, 1, 0.001) + 0.0005, x = sin(5 pi t),

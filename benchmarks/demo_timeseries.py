@@ -1,12 +1,12 @@
 """Demo: adapt a pretrained network to a shifted time series with one closed-form solve.
 
-The paper's experiment 1 (Tseng et al., ICLR 2023, section on time series): a 1-64-64-1 ReLU network is pretrained on
+The paper's experiment 1 (Tseng et al., ICLR 2023): a 1-64-64-1 ReLU network is pretrained on
 x = sin(5 pi t) and adapted to a shifted, amplified, noisy target domain by updating its
 last layer with LayerVariationalAdapter. Prints the target error (sum of squared errors)
 of the pretrained and adapted networks and the fit time.
 
-    python benchmarks/demo_timeseries.py            # full pretraining (5000 epochs, about 10 s on 2 idle cores)
-    python benchmarks/demo_timeseries.py --quick    # 500 pretraining epochs, for a smoke test
+    python benchmarks/demo_timeseries.py          # 5000 pretraining epochs, about 10 s on 2 idle cores
+    python benchmarks/demo_timeseries.py --quick  # 500 pretraining epochs, for a smoke test
 """
 
 import argparse

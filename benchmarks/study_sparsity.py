@@ -1,6 +1,6 @@
 """Sparsity study: target test error against the number of target samples, several alphas.
 
-The paper's experiment 1 network (Tseng et al., ICLR 2023, section on time series), pretrained on the source domain (weights
+The paper's experiment 1 network (Tseng et al., ICLR 2023), pretrained on the source domain (weights
 cached in benchmarks/.cache), is adapted with LayerVariationalAdapter at several alphas and
 with LayerVariationalAdapterCV (alpha by leave-one-out) on N target samples drawn from one
 half of the 2000 target points, and scored on the other half (held out, never trained on).
