@@ -184,7 +184,11 @@ class LayerVariationalAdapter(BaseAdapter):
         if p.n_samples >= spec.d:
             solver = "primal"
             # a search fits every candidate on the same folds: their moments are computed once
-            key = None if p.cached is None else p.cached.moments_key(p.Y, p.s, spec.W0, spec.b0)
+            key = (
+                None
+                if p.cached is None
+                else p.cached.moments_key(p.Y, p.s, spec.W0, spec.b0, [self.batch_size])
+            )
             moments = None if key is None else p.cached.get_moments(key)
             if moments is None:
                 moments = accumulate_moments(p.batches, p.Y, p.s, spec.W0, spec.b0)
@@ -222,16 +226,23 @@ class LayerVariationalAdapter(BaseAdapter):
                 "call X.compute_chunk_sizes() first."
             )
         n = X.shape[0]
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
         y = y if is_dask_array(y) else np.asarray(to_numpy(y))
-        if y is None or y.shape[0] != n:
-            raise ValueError(f"X has {n} samples but y has {None if y is None else y.shape[0]}.")
+        if y.shape[0] != n:
+            raise ValueError(f"X has {n} samples but y has {y.shape[0]}; pass one target row per sample.")
         if sample_weight is not None and not is_dask_array(sample_weight):
             sample_weight = check_sample_weight(sample_weight, n)
+        elif sample_weight is not None and sample_weight.shape != (n,):
+            raise ValueError(
+                f"sample_weight.shape == {sample_weight.shape}, expected ({n},): one weight per sample."
+            )
         s = np.ones(n) if sample_weight is None else sample_weight
-        # set up (validation, frozen copy, feature size) on the first sample, here
-        p = self._start(np.asarray(X[:1].compute()), np.asarray(y[:1]), None)
+        # set up (validation, frozen copy, feature size) on the first sample, here; blocks
+        # are seen once, so the workers do not cache features
+        p = self._start(np.asarray(X[:1].compute()), np.asarray(y[:1]), None, use_cache=False)
         spec = p.spec
-        moments = dask_moments(p.net, X, y, s, spec.W0, spec.b0, self.batch_size, self.cache)
+        moments = dask_moments(p.net, X, y, s, spec.W0, spec.b0, self.batch_size)
         if not moments.weight > 0:
             raise ValueError("sample_weight sums to zero; give at least one sample a positive weight.")
         dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, spec.fit_intercept, spec.rtol(n))
@@ -271,8 +282,14 @@ class LayerVariationalAdapter(BaseAdapter):
                 "than features): it kept no d x d moments. Call partial_fit from the first "
                 "batch on, or fit on all the data at once."
             )
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None; "
+                "pass the batch's targets."
+            )
+        # Streamed data is seen once: the feature cache would only fill memory.
         if moments is None:
-            p = self._start(X, y, sample_weight)
+            p = self._start(X, y, sample_weight, use_cache=False, allow_zero_weight=True)
             spec, X, Y, s, net, batches, n_seen = p.spec, p.X, p.Y, p.s, p.net, p.batches, 0
             digest = p.digest
         else:
@@ -285,11 +302,21 @@ class LayerVariationalAdapter(BaseAdapter):
                     f"y has shape {y.shape} but earlier batches had {spec.W0.shape[0]} column(s) "
                     f"(ndim {spec.y_ndim}); pass targets of the same shape in every call."
                 )
-            s = check_sample_weight(sample_weight, X.shape[0])
-            batches = self._features(self._runtime_extractor(), X)
+            if self._resolve_fit_intercept(spec.prior) != spec.fit_intercept:
+                raise ValueError(
+                    "fit_intercept changed between partial_fit calls; the moments so far were "
+                    f"set up for fit_intercept_={spec.fit_intercept}. Call fit to start again."
+                )
+            s = check_sample_weight(sample_weight, X.shape[0], allow_all_zero=True)
+            batches = self._features(self._runtime_extractor(), X, use_cache=False)
         m = accumulate_moments(batches, Y, s, spec.W0, spec.b0)
         moments = m if moments is None else _solvers.merge_moments(moments, m)
         n_seen += X.shape[0]
+        if not moments.weight > 0:
+            raise ValueError(
+                "All samples seen so far by partial_fit have zero sample_weight; the update "
+                "needs at least one positively weighted sample."
+            )
         dWt, db, residual_sq = _solvers.ridge_primal(
             moments, self.alpha, spec.fit_intercept, spec.rtol(n_seen)
         )

@@ -148,7 +148,7 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
                 "pass the head that belongs to these features (coef of shape (k, d))."
             )
 
-    def _start(self, X, y, sample_weight):
+    def _start(self, X, y, sample_weight, use_cache=True, allow_zero_weight=False):
         """Validate a fit call, copy the extractor, run it on the first sample.
 
         Every check that needs no forward pass runs first; the head's size and X's shape
@@ -163,15 +163,15 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         device = resolve_device(self.device)
         X, y = self._validate_X(X, reset=True, y=y)
         n_samples = X.shape[0]
-        s = check_sample_weight(sample_weight, n_samples)
+        s = check_sample_weight(sample_weight, n_samples, allow_all_zero=allow_zero_weight)
         Y = y.reshape(n_samples, -1)
         self._check_prior(prior, Y.shape[1], X.shape[1] if self.extractor is None else None)
         fit_intercept = self._resolve_fit_intercept(prior)
 
         t0 = time.perf_counter()
         net = None if self.extractor is None else frozen_copy(self.extractor, device)
-        cached = cached_extractor(net, X, self.cache)
-        batches = iter(self._features(net, X, cached=cached))
+        cached = cached_extractor(net, X, self.cache if use_cache else False)
+        batches = iter(self._features(net, X, cached=cached, use_cache=use_cache))
         first = next(batches)
         d, feature_dtype = first[1].shape[1], first[2]
         self._check_prior(prior, Y.shape[1], d)
@@ -186,9 +186,9 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         )
         return Problem(X, Y, s, spec, net, itertools.chain([first], batches), t0, cached)
 
-    def _features(self, net, X, desc="features", cached=None):
+    def _features(self, net, X, desc="features", cached=None, use_cache=True):
         """The feature stream of X, with a tqdm progress bar over batches when verbose."""
-        if cached is None:  # predict: the fitted copy's weights were hashed in fit
+        if cached is None and use_cache:  # predict: the fitted copy's weights were hashed in fit
             cached = cached_extractor(net, X, self.cache, getattr(self, "_weights_digest", None))
         batches = feature_batches(net, X, self.batch_size, cached)
         n_batches = 0 if X.shape[0] == 0 else 1 + -(-(X.shape[0] - 1) // self.batch_size)

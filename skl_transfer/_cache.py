@@ -45,7 +45,8 @@ def _tensor_bytes(t):
 
 
 def weights_digest(net):
-    """Hash of the extractor itself: class, structure (``repr``), every parameter and buffer."""
+    """Hash of the extractor itself: class, structure (``repr``), every parameter and buffer,
+    tensors held as plain attributes, and the names of forward hooks."""
     h = hashlib.blake2b(digest_size=20)
     for part in (type(net).__module__, type(net).__qualname__, repr(net)):
         h.update(part.encode())
@@ -53,6 +54,15 @@ def weights_digest(net):
     for name, t in (*net.named_parameters(), *net.named_buffers()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
         h.update(_tensor_bytes(t))
+    for prefix, m in net.named_modules():
+        # hooks, and tensors held as plain attributes, change forward too
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for hook in hooks.values():
+                h.update(f"{prefix}:hook:{getattr(hook, '__qualname__', repr(hook))}".encode())
+        for name, value in vars(m).items():
+            if isinstance(value, torch.Tensor):
+                h.update(f"{prefix}.{name}:{value.dtype}:{tuple(value.shape)}".encode())
+                h.update(_tensor_bytes(value))
     return h.hexdigest()
 
 
@@ -91,9 +101,13 @@ def _storage_dtype(tag):
     return np.int16 if tag == "bfloat16" else torch.empty(0, dtype=getattr(torch, tag)).numpy().dtype
 
 
+_ENTRY_OVERHEAD = 250  # bytes of key, tuple, array header and dict slot per entry (measured ~230)
+
+
 def _nbytes(entry):
     tag, value = entry
-    return sum(a.nbytes for a in value[1:5]) if tag == "moments" else value.nbytes
+    data = sum(a.nbytes for a in value[1:5]) if tag == "moments" else value.nbytes
+    return data + _ENTRY_OVERHEAD
 
 
 class MemoryCache:
@@ -228,7 +242,11 @@ def resolve(cache):
 
 
 def _host(rows):
-    return rows.detach().cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows)
+    """Input rows as a numpy array of the same bytes (bfloat16 tensors as int16 bits)."""
+    if not isinstance(rows, torch.Tensor):
+        return np.asarray(rows)
+    rows = rows.detach().cpu()
+    return (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows).numpy()
 
 
 class CachedExtractor:
@@ -241,7 +259,7 @@ class CachedExtractor:
 
     def __init__(self, cache, net, device, input_dtype, X, digest=None):
         self.use_memory, self.disk = resolve(cache)
-        kind = "tensor" if isinstance(X, torch.Tensor) else f"numpy:{X.dtype.str}"
+        kind = f"tensor:{X.dtype}" if isinstance(X, torch.Tensor) else f"numpy:{X.dtype.str}"
         self.digest = weights_digest(net) if digest is None else digest
         self.mkey = model_key(self.digest, device, input_dtype, X.shape[1:], kind)
         self.keys = []
@@ -300,7 +318,7 @@ class CachedExtractor:
         if not idx:
             return
         tag, new = to_storage(compute(idx))
-        stored = [(tag, row) for row in new]
+        stored = [(tag, row.copy()) for row in new]  # own copies: a view would pin its batch
         if con is not None:
             self.disk.put(con, self.mkey, [keys[i] for i in idx], stored)
         for i, f in zip(idx, stored, strict=True):

@@ -208,6 +208,8 @@ class LayerVariationalAdapterCV(BaseAdapter):
 
         if self.cv is None:
             scorer = None if self.scoring is None else check_scoring(_FixedPredictions(), self.scoring)
+            weigh = scorer is not None and sample_weight is not None and _accepts_sample_weight(scorer)
+            kwargs = {"sample_weight": p.s} if weigh else {}
             mean = np.empty(len(alphas))
             for j, Q_loo in _solvers.loo_path(Z, Q, p.s, alphas, spec.fit_intercept, rtol):
                 Y_loo = Q_loo + prior_out
@@ -215,11 +217,11 @@ class LayerVariationalAdapterCV(BaseAdapter):
                     err = ((p.Y - Y_loo) ** 2).mean(axis=1)
                     mean[j] = -float(p.s @ err / p.s.sum())
                 else:
-                    mean[j] = scorer(_FixedPredictions(as_y(Y_loo)), Z, y2d)
+                    mean[j] = scorer(_FixedPredictions(as_y(Y_loo)), p.X, y2d, **kwargs)
             results = {}
         else:
             splitter = check_cv(self.cv)
-            folds = list(splitter.split(Z, y2d, groups))
+            folds = list(splitter.split(p.X, y2d, groups))
             scorer = check_scoring(_FixedPredictions(), self.scoring)
             weigh = sample_weight is not None and _accepts_sample_weight(scorer)
             scores = np.empty((len(folds), len(alphas)))
@@ -228,7 +230,7 @@ class LayerVariationalAdapterCV(BaseAdapter):
                 test = folds[fold][1]
                 pred = as_y(Q_pred + prior_out[test])
                 kwargs = {"sample_weight": p.s[test]} if weigh else {}
-                scores[fold, j] = scorer(_FixedPredictions(pred), Z[test], y2d[test], **kwargs)
+                scores[fold, j] = scorer(_FixedPredictions(pred), p.X[test], y2d[test], **kwargs)
             mean = scores.mean(axis=0)
             results = {f"split{i}_test_score": scores[i] for i in range(len(folds))}
             results["std_test_score"] = scores.std(axis=0)

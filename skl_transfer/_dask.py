@@ -11,7 +11,7 @@ import sys
 import numpy as np
 
 from . import _solvers
-from ._torch import accumulate_moments, cached_extractor, feature_batches
+from ._torch import accumulate_moments, feature_batches
 
 
 def is_dask_array(X):
@@ -19,7 +19,7 @@ def is_dask_array(X):
     return da is not None and isinstance(X, da.Array)
 
 
-def _block_moments(net, X, Y, s, W0, b0, batch_size, cache):
+def _block_moments(net, X, Y, s, W0, b0, batch_size):
     """Moments of one block of samples (runs on a worker)."""
     X = np.asarray(X, dtype=np.float64) if net is None else np.asarray(X)
     if np.issubdtype(X.dtype, np.floating) and not np.isfinite(X).all():
@@ -27,16 +27,13 @@ def _block_moments(net, X, Y, s, W0, b0, batch_size, cache):
     Y = np.asarray(Y, dtype=np.float64).reshape(X.shape[0], -1)
     if not np.isfinite(Y).all():
         raise ValueError("Input y contains NaN or infinity; remove or impute those samples.")
-    return accumulate_moments(
-        feature_batches(net, X, batch_size, cached_extractor(net, X, cache)),
-        Y,
-        np.asarray(s, dtype=np.float64),
-        W0,
-        b0,
-    )
+    s = np.asarray(s, dtype=np.float64)
+    if not np.isfinite(s).all() or (s < 0).any():
+        raise ValueError("sample_weight must be finite and >= 0; got negative, NaN or infinite weights.")
+    return accumulate_moments(feature_batches(net, X, batch_size), Y, s, W0, b0)
 
 
-def dask_moments(net, X, Y, s, W0, b0, batch_size, cache):
+def dask_moments(net, X, Y, s, W0, b0, batch_size):
     """Merged moments of all blocks of the dask array X (blocks along the sample axis).
 
     ``Y`` and ``s`` are dask arrays or numpy arrays with one row per sample; they are
@@ -51,7 +48,7 @@ def dask_moments(net, X, Y, s, W0, b0, batch_size, cache):
     s = da.asarray(s).rechunk((rows,))
     net_d = dask.delayed(net, pure=True)
     tasks = [
-        dask.delayed(_block_moments, pure=True)(net_d, xb, yb, sb, W0, b0, batch_size, cache)
+        dask.delayed(_block_moments, pure=True)(net_d, xb, yb, sb, W0, b0, batch_size)
         for xb, yb, sb in zip(
             X.to_delayed().ravel(), Y.to_delayed().ravel(), s.to_delayed().ravel(), strict=True
         )

@@ -43,7 +43,7 @@ def check_target(y, n_samples):
     return y
 
 
-def check_sample_weight(sample_weight, n_samples):
+def check_sample_weight(sample_weight, n_samples, allow_all_zero=False):
     """Non-negative finite float64 weights of shape (n_samples,); None -> ones."""
     if sample_weight is None:
         return np.ones(n_samples)
@@ -54,6 +54,6 @@ def check_sample_weight(sample_weight, n_samples):
         raise ValueError(f"sample_weight.shape == {s.shape}, expected ({n_samples},): one weight per sample.")
     if (s < 0).any():
         raise ValueError(f"Negative values in sample_weight (min {s.min():g}); weights must be >= 0.")
-    if not s.sum() > 0:
+    if not allow_all_zero and not s.sum() > 0:
         raise ValueError("sample_weight sums to zero; give at least one sample a positive weight.")
     return s

@@ -150,3 +150,65 @@ def test_cached_moments_follow_targets_weights_and_prior():
         )
         assert_array_equal(cached.coef_, plain.coef_)
         assert_array_equal(cached.intercept_, plain.intercept_)
+
+
+def test_bfloat16_and_integer_tensor_inputs_are_keyed_by_dtype():
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 8)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x.float()))
+
+    body = Cast()
+    Xi = torch.randint(1, 50, (64, 4), dtype=torch.int32)
+    Xf = Xi.view(torch.float32)  # the same bytes, another dtype
+    y = np.random.default_rng(0).normal(size=64)
+    LayerVariationalAdapter(body).fit(Xi, y)
+    cached = LayerVariationalAdapter(body).fit(Xf, y)
+    plain = LayerVariationalAdapter(body, cache=False).fit(Xf, y)
+    assert_array_equal(cached.coef_, plain.coef_)
+    Xb = torch.randn(50, 4).bfloat16()
+    bf = nn.Linear(4, 8).bfloat16()
+    a = LayerVariationalAdapter(bf).fit(Xb, y[:50])
+    b = LayerVariationalAdapter(bf).fit(Xb, y[:50])
+    c = LayerVariationalAdapter(bf, cache=False).fit(Xb, y[:50])
+    assert_array_equal(a.coef_, c.coef_)
+    assert_array_equal(b.coef_, c.coef_)
+
+
+def test_hooks_and_tensor_attributes_are_part_of_the_key():
+    body = CountingModule(make_body())
+    X, y = _data(30)
+    LayerVariationalAdapter(body).fit(X, y)
+    handle = body.inner.register_forward_hook(lambda m, i, o: o * 2.0)
+    doubled = LayerVariationalAdapter(body).fit(X, y)
+    assert body.rows_seen == 60  # a hook changes forward: a miss
+    assert_array_equal(doubled.coef_, LayerVariationalAdapter(body, cache=False).fit(X, y).coef_)
+    handle.remove()
+    body.scale = torch.ones(1)
+    LayerVariationalAdapter(body).fit(X, y)
+    body.scale.mul_(3.0)  # a plain tensor attribute changed in place
+    LayerVariationalAdapter(body).fit(X, y)
+    assert body.rows_seen == 150
+
+
+def test_stored_rows_own_their_memory_and_overhead_is_counted():
+    from skl_transfer import _cache
+
+    X, y = _data(300)
+    LayerVariationalAdapter(make_body(), batch_size=64).fit(X, y)
+    entries = list(_cache._MEMORY._rows.values())
+    rows = [value for tag, value in entries if tag != "moments"]
+    assert len(rows) == 300 and all(r.base is None for r in rows)  # a view would pin its batch
+    assert cache_info()["bytes"] >= 300 * (16 * 8 + 200)
+
+
+def test_partial_fit_and_dask_do_not_fill_the_cache():
+    body = make_body()
+    X, y = _data(200)
+    est = LayerVariationalAdapter(body)
+    for idx in np.array_split(np.arange(200), 10):
+        est.partial_fit(X[idx], y[idx])
+    assert cache_info()["rows"] == 0

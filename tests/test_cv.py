@@ -134,3 +134,28 @@ def test_verbose_shows_progress_bars(capsys):
     LayerVariationalAdapterCV(make_body(), make_head(), cv=3, verbose=1, batch_size=8).fit(X, y)
     err = capsys.readouterr().err
     assert "LayerVariationalAdapterCV features" in err and "folds x alphas" in err
+
+
+def test_scorers_get_inputs_and_weights_like_grid_search():
+    from sklearn.metrics import make_scorer, mean_squared_error
+
+    def x_weighted(estimator, X, y, sample_weight=None):  # a scorer that reads X
+        pred = estimator.predict(X)
+        return -np.average((pred - y) ** 2 * (1 + X[:, 0] ** 2), weights=sample_weight)
+
+    body, head = make_body(), make_head()
+    X, y = _data(80)
+    sw = np.random.default_rng(6).uniform(0.0, 2.0, 80)
+    cv = KFold(4, shuffle=True, random_state=0)
+    for scoring in (x_weighted, make_scorer(mean_squared_error, greater_is_better=False)):
+        est = LayerVariationalAdapterCV(body, head, alphas=ALPHAS, cv=cv, scoring=scoring).fit(
+            X, y, sample_weight=sw
+        )
+        grid = GridSearchCV(LayerVariationalAdapter(body, head), {"alpha": ALPHAS}, cv=cv, scoring=scoring)
+        grid.fit(X, y, sample_weight=sw)
+        assert_allclose(est.cv_results_["mean_test_score"], grid.cv_results_["mean_test_score"], rtol=1e-8)
+    # leave-one-out with a scorer: weighted like the default leave-one-out score
+    loo = LayerVariationalAdapterCV(body, head, alphas=[0.1, 1.0], scoring="neg_mean_squared_error")
+    loo.fit(X, y, sample_weight=sw)
+    default = LayerVariationalAdapterCV(body, head, alphas=[0.1, 1.0]).fit(X, y, sample_weight=sw)
+    assert_allclose(loo.cv_results_["mean_test_score"], default.cv_results_["mean_test_score"], rtol=1e-10)

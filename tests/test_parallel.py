@@ -87,3 +87,17 @@ def test_fit_over_dask_array_without_extractor(dask_client):
     est = LayerVariationalAdapter(alpha=2.0).fit(da.from_array(X, chunks=120), y)
     assert_allclose(est.coef_, ref.coef_, rtol=1e-10)
     assert est.n_features_in_ == 6
+
+
+def test_dask_fit_validates_weights_and_targets(dask_client):
+    da = pytest.importorskip("dask.array")
+    X, y = _images(100)
+    Xd = da.from_array(X, chunks=(50, 1, 8, 8))
+    with pytest.raises(ValueError, match="requires y"):
+        LayerVariationalAdapter(TinyConvNet()).fit(Xd, None)
+    with pytest.raises(ValueError, match=">= 0"):
+        LayerVariationalAdapter(TinyConvNet()).fit(
+            Xd, y, sample_weight=da.from_array(-np.ones(100), chunks=50)
+        )
+    with pytest.raises(ValueError, match=r"expected \(100,\)"):
+        LayerVariationalAdapter(TinyConvNet()).fit(Xd, y, sample_weight=da.ones(90, chunks=45))

@@ -83,3 +83,24 @@ def test_partial_fit_memory_does_not_grow_with_batches():
     # come from the interpreter and scipy, not from data)
     assert max(peaks[-10:]) <= 1.2 * max(peaks[:10])
     assert held[-1] - held[0] < 32 * 1024
+
+
+def test_partial_fit_zero_weight_batches_and_errors():
+    body, head = make_body(), make_head(n_out=2)
+    X, y = _data(120)
+    sw = np.ones(120)
+    sw[:30] = 0.0  # the first batch carries no weight at all
+    full = LayerVariationalAdapter(body, head, alpha=0.2).fit(X, y, sample_weight=sw)
+    part = LayerVariationalAdapter(body, head, alpha=0.2)
+    with pytest.raises(ValueError, match="zero sample_weight"):
+        part.partial_fit(X[:30], y[:30], sample_weight=sw[:30])
+    for idx in np.array_split(np.arange(120), 4):
+        try:
+            part.partial_fit(X[idx], y[idx], sample_weight=sw[idx])
+        except ValueError:
+            assert idx[0] == 0  # only while no positive weight has been seen
+    assert_allclose(part.coef_, full.coef_, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="requires y"):
+        part.partial_fit(X[:5], None)
+    with pytest.raises(ValueError, match="fit_intercept changed"):
+        part.set_params(fit_intercept=False).partial_fit(X[:5], y[:5])
