@@ -101,3 +101,14 @@ def test_dask_fit_validates_weights_and_targets(dask_client):
         )
     with pytest.raises(ValueError, match=r"expected \(100,\)"):
         LayerVariationalAdapter(TinyConvNet()).fit(Xd, y, sample_weight=da.ones(90, chunks=45))
+
+
+def test_dask_workers_share_a_cache_directory(dask_client, tmp_path):
+    from conftest import FileCountingModule
+
+    body = FileCountingModule(TinyConvNet(), tmp_path / "rows.txt")
+    X, y = _images()
+    est = LayerVariationalAdapter(body, cache=str(tmp_path / "features"))
+    with joblib.parallel_backend("dask"):
+        GridSearchCV(est, {"alpha": ALPHAS}, cv=KFold(4, shuffle=True, random_state=0)).fit(X, y)
+    assert body.rows_seen() == len(X)
