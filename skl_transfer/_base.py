@@ -84,6 +84,11 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         "cache": ["boolean", str, os.PathLike, joblib.Memory, None],
     }
 
+    @property
+    def _forward_batch_size(self):
+        """Samples per forward pass of the extractor."""
+        return self.batch_size
+
     # -- validation -------------------------------------------------------------------
 
     def _validate_X(self, X, *, reset, y=None):
@@ -190,8 +195,8 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         """The feature stream of X, with a tqdm progress bar over batches when verbose."""
         if cached is None and use_cache:  # predict: the fitted copy's weights were hashed in fit
             cached = cached_extractor(net, X, self.cache, getattr(self, "_weights_digest", None))
-        batches = feature_batches(net, X, self.batch_size, cached)
-        n_batches = 0 if X.shape[0] == 0 else 1 + -(-(X.shape[0] - 1) // self.batch_size)
+        batches = feature_batches(net, X, self._forward_batch_size, cached)
+        n_batches = 0 if X.shape[0] == 0 else 1 + -(-(X.shape[0] - 1) // self._forward_batch_size)
         return self._progress(batches, n_batches if net is not None else None, desc)
 
     def _progress(self, iterable, total, desc):

@@ -1,0 +1,94 @@
+"""GradientDescentAdapter: a fair, deterministic GD baseline that converges to the closed form."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from conftest import CountingModule, make_body, make_head
+from numpy.testing import assert_allclose, assert_array_equal
+from sklearn.model_selection import GridSearchCV
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from skl_transfer import GradientDescentAdapter, LayerVariationalAdapter
+
+
+def _data(n=150, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 5))
+    return X, np.sin(X @ rng.normal(size=5)) + 0.1 * rng.normal(size=n)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_converges_to_the_closed_form_with_alpha_weight_decay_times_weight_sum(weighted):
+    body, head = make_body(batchnorm=False).float(), make_head().float()
+    X, y = _data()
+    sw = np.random.default_rng(1).uniform(0.5, 1.5, len(y)) if weighted else None
+    S = len(y) if sw is None else sw.sum()
+    gd = GradientDescentAdapter(body, head, lr=0.02, epochs=4000, weight_decay=0.01, random_state=0)
+    gd.fit(X, y, sample_weight=sw)
+    lva = LayerVariationalAdapter(body, head, alpha=0.01 * S).fit(X, y, sample_weight=sw)
+    assert_allclose(gd.coef_, lva.coef_, atol=1e-3 * np.abs(lva.coef_).max())
+    assert_allclose(gd.intercept_, lva.intercept_, atol=1e-3)
+    assert gd.loss_curve_[-1] <= gd.loss_curve_[0]
+
+
+def test_decay_to_zero_is_ridge_toward_zero():
+    body, head = make_body(batchnorm=False).float(), make_head().float()
+    X, y = _data()
+    gd = GradientDescentAdapter(
+        body, head, lr=0.02, epochs=4000, weight_decay=0.05, decay_to="zero", random_state=0
+    )
+    gd.fit(X, y)
+    b0 = float(head.bias.detach()[0])
+    lva = LayerVariationalAdapter(body, (np.zeros(16), b0), alpha=0.05 * len(y)).fit(X, y)
+    assert_allclose(gd.coef_, lva.coef_, atol=3e-3 * np.abs(lva.coef_).max())
+
+
+def test_deterministic_features_once_and_user_head_untouched():
+    body, head = CountingModule(make_body()), make_head()
+    before = head.weight.detach().clone()
+    X, y = _data()
+    kw = dict(lr=0.01, epochs=30, batch_size=16)
+    a = GradientDescentAdapter(body, head, random_state=0, cache=False, **kw).fit(X, y)
+    assert body.rows_seen == len(X)  # one forward pass, not one per epoch
+    b = GradientDescentAdapter(body, head, random_state=0, **kw).fit(X, y)
+    c = GradientDescentAdapter(body, head, random_state=1, **kw).fit(X, y)
+    assert_array_equal(a.coef_, b.coef_)
+    assert not np.array_equal(a.coef_, c.coef_)
+    assert torch.equal(head.weight, before)
+
+
+def test_validation_fraction_keeps_the_best_epoch_on_training_data():
+    X, y = _data(200)
+    gd = GradientDescentAdapter(
+        make_body(), make_head(), lr=0.05, epochs=200, validation_fraction=0.25, random_state=0
+    )
+    gd.fit(X, y)
+    assert len(gd.validation_loss_curve_) == 200
+    assert gd.best_epoch_ == int(np.argmin(gd.validation_loss_curve_)) + 1
+    with pytest.raises(ValueError, match="validation_fraction"):
+        GradientDescentAdapter(make_body(), make_head(), validation_fraction=0.001).fit(X[:20], y[:20])
+
+
+def test_pickle_and_grid_search():
+    X, y = _data()
+    gd = GradientDescentAdapter(make_body(), make_head(), epochs=20, random_state=0)
+    search = GridSearchCV(gd, {"lr": [1e-3, 1e-2]}, cv=3).fit(X, y)
+    again = pickle.loads(pickle.dumps(search.best_estimator_))
+    assert_array_equal(again.predict(X), search.predict(X))
+
+
+# Trained in float32, as a torch user would: fitting with integer weights and with repeated rows
+# agree to float32 rounding (7e-8 here), not to the 1e-7 relative this check asks for.
+EXPECTED = {
+    "check_sample_weight_equivalence_on_dense_data": "float32 training: equal to float32 rounding only",
+}
+
+
+@parametrize_with_checks(
+    [GradientDescentAdapter(lr=0.05, epochs=200, random_state=0)],
+    expected_failed_checks=lambda est: EXPECTED,
+)
+def test_sklearn_compatible(estimator, check):
+    check(estimator)
