@@ -85,20 +85,33 @@ def row_keys(rows):
 
 
 def to_storage(Z):
-    """Features as (dtype tag, numpy array of the same bits); bfloat16 is kept as int16 bits."""
+    """Features (n, *shape) as (tag, flattened numpy rows of the same bits).
+
+    The tag is ``"<dtype>|<per-sample shape>"``; bfloat16 is kept as int16 bits.
+    """
     Z = Z.detach().cpu()
-    tag = str(Z.dtype).removeprefix("torch.")
+    tag = f"{str(Z.dtype).removeprefix('torch.')}|{','.join(map(str, Z.shape[1:]))}"
+    Z = Z.reshape(Z.shape[0], -1)
     return tag, (Z.view(torch.int16) if Z.dtype == torch.bfloat16 else Z).numpy()
 
 
+def tag_shape(tag):
+    """Per-sample feature shape recorded in a storage tag."""
+    shape = tag.split("|")[1]
+    return tuple(int(v) for v in shape.split(",")) if shape else ()
+
+
 def from_storage(tag, rows):
-    """The inverse of :func:`to_storage`: a CPU tensor in the extractor's output dtype."""
+    """The inverse of :func:`to_storage`: a CPU tensor (n, *shape) in the extractor's dtype."""
     t = torch.from_numpy(rows)
-    return t.view(torch.bfloat16) if tag == "bfloat16" else t
+    if tag.startswith("bfloat16|"):
+        t = t.view(torch.bfloat16)
+    return t.reshape(t.shape[0], *tag_shape(tag))
 
 
 def _storage_dtype(tag):
-    return np.int16 if tag == "bfloat16" else torch.empty(0, dtype=getattr(torch, tag)).numpy().dtype
+    name = tag.split("|")[0]
+    return np.int16 if name == "bfloat16" else torch.empty(0, dtype=getattr(torch, name)).numpy().dtype
 
 
 _ENTRY_OVERHEAD = 250  # bytes of key, tuple, array header and dict slot per entry (measured ~230)
@@ -288,7 +301,7 @@ class CachedExtractor:
             _MEMORY.put(self.mkey, [key], [("moments", moments)])
 
     def features(self, X, sl, compute):
-        """Features of rows ``sl`` of X as a CPU tensor in the extractor's output dtype.
+        """Features of rows ``sl`` of X as a CPU tensor (n, *shape) in the extractor's output dtype.
 
         ``compute(indices)`` runs the extractor on the rows ``sl`` at those positions.
         """

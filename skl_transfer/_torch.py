@@ -132,9 +132,8 @@ def _check_finite(Z):
 
 
 def _forward_rows(net, X, rows, device, dtype):
-    """Flattened, finite-checked features of the rows of X at ``rows`` (a slice or indices)."""
-    out = _forward(net, _input_batch(X, rows, device, dtype))
-    return _check_finite(out.reshape(out.shape[0], -1))
+    """Finite-checked features of the rows of X at ``rows`` (a slice or indices)."""
+    return _check_finite(_forward(net, _input_batch(X, rows, device, dtype)))
 
 
 def cached_extractor(net, X, cache, digest=None):
@@ -149,7 +148,8 @@ def cached_extractor(net, X, cache, digest=None):
 
 
 def feature_batches(net, X, batch_size, cached=None):
-    """Yield ``(slice, Z, dtype)``: flattened features as float64 tensors on the net's device.
+    """Yield ``(slice, Z, dtype, shape)``: features flattened to float64 tensors (b, d) on the
+    net's device, the extractor's output dtype and its per-sample output shape.
 
     ``net`` is a frozen copy from :func:`frozen_copy`, or None when X (a float64 numpy
     array) already holds the features. ``dtype`` is the extractor's output dtype. With an
@@ -169,7 +169,7 @@ def feature_batches(net, X, batch_size, cached=None):
     for start in starts:
         sl = slice(start, 1 if start == 0 and net is not None else min(start + batch_size, n))
         if net is None:
-            yield sl, torch.from_numpy(X[sl]), torch.float64
+            yield sl, torch.from_numpy(X[sl]), torch.float64, X.shape[1:]
             continue
         with torch.inference_mode():
             if cached is None:
@@ -182,8 +182,8 @@ def feature_batches(net, X, batch_size, cached=None):
                         net, X, np.arange(sl.start, sl.stop)[idx], device, dtype
                     ),
                 )
-            Z = raw.to(device=device, dtype=torch.float64)
-        yield sl, Z, raw.dtype
+            Z = raw.reshape(raw.shape[0], -1).to(device=device, dtype=torch.float64)
+        yield sl, Z, raw.dtype, tuple(raw.shape[1:])
 
 
 def _as_device_arrays(device, *arrays):
@@ -198,7 +198,7 @@ def accumulate_moments(batches, Y, s, W0, b0):
     moments = None
     device = None
     with torch.inference_mode():
-        for sl, Z, _ in batches:
+        for sl, Z, *_ in batches:
             if device is None:
                 device = Z.device
                 Yt, st, W0t, b0t = _as_device_arrays(device, Y, s, W0, b0)
@@ -211,7 +211,7 @@ def accumulate_moments(batches, Y, s, W0, b0):
 def gather_features(batches):
     """All features as one float64 numpy array (used when n_samples < d)."""
     with torch.inference_mode():
-        return torch.cat([Z for _, Z, _ in batches]).cpu().numpy()
+        return torch.cat([b[1] for b in batches]).cpu().numpy()
 
 
 def linear_outputs(batches, n_samples, coef, intercept):
@@ -219,7 +219,7 @@ def linear_outputs(batches, n_samples, coef, intercept):
     out = np.empty((n_samples, coef.shape[0]))
     coef_t = None
     with torch.inference_mode():
-        for sl, Z, _ in batches:
+        for sl, Z, *_ in batches:
             if coef_t is None:
                 coef_t, b_t = _as_device_arrays(Z.device, coef, intercept)
             if Z.shape[1] != coef.shape[1]:
