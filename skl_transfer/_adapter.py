@@ -12,7 +12,7 @@ from sklearn.utils._param_validation import Interval
 from . import _solvers
 from ._base import BaseAdapter
 from ._dask import dask_moments, is_dask_array
-from ._torch import accumulate_moments, gather_features, to_numpy
+from ._torch import accumulate_moments, gather_design, to_numpy
 from ._validation import check_sample_weight
 
 
@@ -159,6 +159,8 @@ class LayerVariationalAdapter(BaseAdapter):
         self.verbose = verbose
         self.cache = cache
 
+    _supports_conv = True
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Fit the layer update on target-domain data.
@@ -181,7 +183,8 @@ class LayerVariationalAdapter(BaseAdapter):
             return self._fit_dask(X, y, sample_weight)
         p = self._start(X, y, sample_weight)
         spec = p.spec
-        if p.n_samples >= spec.d:
+        n_rows = p.n_samples * spec.rows_per_sample  # samples x output positions for a conv head
+        if n_rows >= spec.d:
             solver = "primal"
             # a search fits every candidate on the same folds: their moments are computed once
             key = (
@@ -191,23 +194,25 @@ class LayerVariationalAdapter(BaseAdapter):
             )
             moments = None if key is None else p.cached.get_moments(key)
             if moments is None:
-                moments = accumulate_moments(p.batches, p.Y, p.s, spec.W0, spec.b0)
+                moments = accumulate_moments(
+                    p.batches, p.Y, p.s, spec.W0, spec.b0, spec.geometry, spec.feature_shape
+                )
                 if key is not None:
                     p.cached.put_moments(key, moments)
             t1 = time.perf_counter()
             dWt, db, residual_sq = _solvers.ridge_primal(
-                moments, self.alpha, spec.fit_intercept, spec.rtol(p.n_samples)
+                moments, self.alpha, spec.fit_intercept, spec.rtol(n_rows)
             )
             residue_sq = _solvers.uncentred(moments)[2]
         else:
             solver, moments = "dual", None
-            Z = gather_features(p.batches)
-            Q = p.Y - Z @ spec.W0.T - spec.b0
+            Z, T, w = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
+            Q = T - Z @ spec.W0.T - spec.b0
             t1 = time.perf_counter()
             dWt, db, residual_sq = _solvers.ridge_dual(
-                Z, Q, p.s, self.alpha, spec.fit_intercept, spec.rtol(p.n_samples)
+                Z, Q, w, self.alpha, spec.fit_intercept, spec.rtol(n_rows)
             )
-            residue_sq = float(p.s @ (Q * Q).sum(1))
+            residue_sq = float(w @ (Q * Q).sum(1))
         self._log(
             f"{p.n_samples} samples, {spec.d} features, {solver} solve: "
             f"features {t1 - p.t0:.3f}s, solve {time.perf_counter() - t1:.3f}s"
@@ -242,10 +247,12 @@ class LayerVariationalAdapter(BaseAdapter):
         # are seen once, so the workers do not cache features
         p = self._start(np.asarray(X[:1].compute()), np.asarray(y[:1]), None, use_cache=False)
         spec = p.spec
-        moments = dask_moments(p.net, X, y, s, spec.W0, spec.b0, self.batch_size)
+        moments = dask_moments(p.net, X, y, s, spec, self.batch_size)
         if not moments.weight > 0:
             raise ValueError("sample_weight sums to zero; give at least one sample a positive weight.")
-        dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, spec.fit_intercept, spec.rtol(n))
+        dWt, db, residual_sq = _solvers.ridge_primal(
+            moments, self.alpha, spec.fit_intercept, spec.rtol(n * spec.rows_per_sample)
+        )
         self._store(spec, X, p.net, dWt, db, _solvers.uncentred(moments)[2], residual_sq, p.digest)
         self.solver_ = "primal"
         self.n_samples_seen_ = n
@@ -295,12 +302,12 @@ class LayerVariationalAdapter(BaseAdapter):
         else:
             spec, net, n_seen = self._spec, self.extractor_, self.n_samples_seen_
             digest = self._weights_digest
-            X, y = self._validate_X(X, reset=False, y=y)
+            X, y = self._validate_X(X, reset=False, y=y, y_max_ndim=max(2, len(spec.y_shape) + 1))
             Y = y.reshape(X.shape[0], -1)
-            if Y.shape[1] != spec.W0.shape[0] or y.ndim != spec.y_ndim:
+            if tuple(y.shape[1:]) != spec.y_shape:
                 raise ValueError(
-                    f"y has shape {y.shape} but earlier batches had {spec.W0.shape[0]} column(s) "
-                    f"(ndim {spec.y_ndim}); pass targets of the same shape in every call."
+                    f"y has shape {y.shape} but earlier batches had per-sample shape {spec.y_shape}; "
+                    "pass targets of the same shape in every call."
                 )
             if self._resolve_fit_intercept(spec.prior) != spec.fit_intercept:
                 raise ValueError(
@@ -309,7 +316,7 @@ class LayerVariationalAdapter(BaseAdapter):
                 )
             s = check_sample_weight(sample_weight, X.shape[0], allow_all_zero=True)
             batches = self._features(self._runtime_extractor(), X, use_cache=False)
-        m = accumulate_moments(batches, Y, s, spec.W0, spec.b0)
+        m = accumulate_moments(batches, Y, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape)
         moments = m if moments is None else _solvers.merge_moments(moments, m)
         n_seen += X.shape[0]
         if not moments.weight > 0:

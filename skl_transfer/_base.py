@@ -17,8 +17,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from . import _solvers
-from ._heads import AdaptedNetwork, Prior, as_prior, make_linear
-from ._torch import cached_extractor, feature_batches, frozen_copy, linear_outputs, resolve_device, to_numpy
+from ._heads import AdaptedNetwork, LinearGeometry, Prior, as_prior
+from ._torch import cached_extractor, feature_batches, frozen_copy, head_outputs, resolve_device, to_numpy
 from ._validation import check_input, check_sample_weight, check_target
 
 
@@ -32,10 +32,17 @@ class HeadSpec:
     y_ndim: int
     fit_intercept: bool
     feature_dtype: torch.dtype
+    geometry: object = None  # LinearGeometry or ConvGeometry
+    feature_shape: tuple = ()  # per-sample shape of the extractor's output
+    y_shape: tuple = ()  # per-sample shape of y (predictions have it too)
 
     @property
     def d(self):
         return self.W0.shape[1]
+
+    @property
+    def rows_per_sample(self):
+        return self.geometry.rows_per_sample(self.feature_shape)
 
     @property
     def feature_eps(self):
@@ -91,7 +98,9 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
 
     # -- validation -------------------------------------------------------------------
 
-    def _validate_X(self, X, *, reset, y=None):
+    _supports_conv = False  # estimators that handle convolutional heads set True
+
+    def _validate_X(self, X, *, reset, y=None, y_max_ndim=2):
         """Validate X (and y in fit). Returns (X, y); y is None in predict.
 
         Without an extractor, ``validate_data`` records ``n_features_in_`` (and feature names)
@@ -120,7 +129,7 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
                 f"fitted on inputs of shape {self.input_shape_}; pass X of shape "
                 f"(n_samples, {', '.join(map(str, self.input_shape_))})."
             )
-        return X, (None if y is None else check_target(y, X.shape[0]))
+        return X, (None if y is None else check_target(y, X.shape[0], max_ndim=y_max_ndim))
 
     def _record_input(self, X):
         self.input_shape_ = tuple(X.shape[1:])
@@ -165,12 +174,26 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
                 "pass the target-domain targets, shape (n_samples,) or (n_samples, k)."
             )
         prior = as_prior(self.head)
+        geometry = prior.geometry or LinearGeometry()
+        conv = geometry.kind == "conv"
+        if conv and (self.extractor is None or not self._supports_conv):
+            raise ValueError(
+                f"A convolutional head needs an extractor that outputs (C_in, *spatial) features, "
+                f"and {type(self).__name__} supports it only if it is LayerVariationalAdapter; "
+                "use LayerVariationalAdapter with GridSearchCV for a convolutional head."
+            )
         device = resolve_device(self.device)
-        X, y = self._validate_X(X, reset=True, y=y)
+        X, y = self._validate_X(X, reset=True, y=y, y_max_ndim=geometry.ndim + 2 if conv else 2)
         n_samples = X.shape[0]
         s = check_sample_weight(sample_weight, n_samples, allow_all_zero=allow_zero_weight)
+        if conv and y.ndim != geometry.ndim + 2:
+            raise ValueError(
+                f"A Conv{geometry.ndim}d head needs y of shape (n_samples, C_out, "
+                f"{', '.join(['L', 'H, W'][geometry.ndim - 1 : geometry.ndim])}), got {y.shape}."
+            )
+        n_outputs = y.shape[1] if conv else (1 if y.ndim == 1 else y.shape[1])
         Y = y.reshape(n_samples, -1)
-        self._check_prior(prior, Y.shape[1], X.shape[1] if self.extractor is None else None)
+        self._check_prior(prior, n_outputs, X.shape[1] if self.extractor is None else None)
         fit_intercept = self._resolve_fit_intercept(prior)
 
         t0 = time.perf_counter()
@@ -178,9 +201,11 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         cached = cached_extractor(net, X, self.cache if use_cache else False)
         batches = iter(self._features(net, X, cached=cached, use_cache=use_cache))
         first = next(batches)
-        d, feature_dtype = first[1].shape[1], first[2]
-        self._check_prior(prior, Y.shape[1], d)
-        k = Y.shape[1]
+        feature_dtype, feature_shape = first[2], tuple(first[3])
+        geometry.check_features(feature_shape, n_outputs, y.shape[1:])
+        if not conv:
+            self._check_prior(prior, n_outputs, first[1].shape[1])
+        k, d = n_outputs, first[1].shape[1]
         spec = HeadSpec(
             prior=prior,
             W0=np.zeros((k, d)) if prior.W0 is None else prior.W0,
@@ -188,6 +213,9 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
             y_ndim=y.ndim,
             fit_intercept=fit_intercept,
             feature_dtype=feature_dtype,
+            geometry=geometry,
+            feature_shape=feature_shape,
+            y_shape=tuple(y.shape[1:]),
         )
         return Problem(X, Y, s, spec, net, itertools.chain([first], batches), t0, cached)
 
@@ -259,14 +287,16 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
 
         Returns
         -------
-        y_pred : ndarray of shape (n_samples,) or (n_samples, k)
+        y_pred : ndarray of shape (n_samples,), (n_samples, k) or, for a convolutional head,
+            (n_samples, C_out, *spatial)
         """
         check_is_fitted(self)
         X, _ = self._validate_X(X, reset=False)
         coef, intercept = self._coef_2d()
+        spec = self._spec
         batches = self._features(self._runtime_extractor(), X, desc="predict")
-        out = linear_outputs(batches, X.shape[0], coef, intercept)
-        return out[:, 0] if np.ndim(self.coef_) == 1 else out
+        out = head_outputs(batches, X.shape[0], coef, intercept, spec.geometry, spec.feature_shape)
+        return out.reshape(X.shape[0], *spec.y_shape)
 
     def to_module(self):
         """The adapted network as a torch module (CPU, eval mode, gradients off).
@@ -274,16 +304,17 @@ class BaseAdapter(RegressorMixin, BaseEstimator):
         Returns
         -------
         module : AdaptedNetwork
-            ``head(flatten(extractor(x)))`` with the adapted ``torch.nn.Linear`` head; its
-            output has shape (n_samples, k) (k = 1 for 1-D y) and equals ``predict`` up to
-            the rounding of the head's dtype (float32 or wider).
+            ``head(flatten(extractor(x)))`` with the adapted ``torch.nn.Linear`` head (or
+            ``head(extractor(x))`` with the adapted ``Conv1d``/``Conv2d``); its output has
+            shape (n_samples, k) (k = 1 for 1-D y), or the conv output shape, and equals
+            ``predict`` up to the rounding of the head's dtype (float32 or wider).
         """
         check_is_fitted(self)
         coef, intercept = self._coef_2d()
         spec = self._spec
         has_bias = spec.fit_intercept or spec.prior.b0 is not None
         dtype = torch.promote_types(torch.promote_types(spec.prior.dtype, spec.feature_dtype), torch.float32)
-        head = make_linear(coef, intercept if has_bias else None, dtype)
+        head = spec.geometry.layer(coef, intercept if has_bias else None, dtype)
         extractor = None if self.extractor_ is None else copy.deepcopy(self.extractor_)
         return AdaptedNetwork(extractor, head).eval().requires_grad_(False)
 

@@ -19,21 +19,22 @@ def is_dask_array(X):
     return da is not None and isinstance(X, da.Array)
 
 
-def _block_moments(net, X, Y, s, W0, b0, batch_size):
+def _block_moments(net, X, Y, s, spec, batch_size):
     """Moments of one block of samples (runs on a worker)."""
     X = np.asarray(X, dtype=np.float64) if net is None else np.asarray(X)
     if np.issubdtype(X.dtype, np.floating) and not np.isfinite(X).all():
         raise ValueError("Input X contains NaN or infinity; remove or impute those samples.")
-    Y = np.asarray(Y, dtype=np.float64).reshape(X.shape[0], -1)
+    Y = np.asarray(Y, dtype=np.float64).reshape(X.shape[0], -1)  # conv targets flattened per sample
     if not np.isfinite(Y).all():
         raise ValueError("Input y contains NaN or infinity; remove or impute those samples.")
     s = np.asarray(s, dtype=np.float64)
     if not np.isfinite(s).all() or (s < 0).any():
         raise ValueError("sample_weight must be finite and >= 0; got negative, NaN or infinite weights.")
-    return accumulate_moments(feature_batches(net, X, batch_size), Y, s, W0, b0)
+    batches = feature_batches(net, X, batch_size)
+    return accumulate_moments(batches, Y, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape)
 
 
-def dask_moments(net, X, Y, s, W0, b0, batch_size):
+def dask_moments(net, X, Y, s, spec, batch_size):
     """Merged moments of all blocks of the dask array X (blocks along the sample axis).
 
     ``Y`` and ``s`` are dask arrays or numpy arrays with one row per sample; they are
@@ -44,11 +45,12 @@ def dask_moments(net, X, Y, s, W0, b0, batch_size):
 
     X = X.rechunk({i: -1 for i in range(1, X.ndim)})
     rows = X.chunks[0]
-    Y = da.asarray(Y).rechunk((rows,) + ((Y.shape[1],) if Y.ndim == 2 else ()))
+    Y = da.asarray(Y)
+    Y = Y.rechunk({0: rows, **{i: -1 for i in range(1, Y.ndim)}})
     s = da.asarray(s).rechunk((rows,))
     net_d = dask.delayed(net, pure=True)
     tasks = [
-        dask.delayed(_block_moments, pure=True)(net_d, xb, yb, sb, W0, b0, batch_size)
+        dask.delayed(_block_moments, pure=True)(net_d, xb, yb, sb, spec, batch_size)
         for xb, yb, sb in zip(
             X.to_delayed().ravel(), Y.to_delayed().ravel(), s.to_delayed().ravel(), strict=True
         )

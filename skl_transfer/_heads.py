@@ -28,6 +28,7 @@ class Prior:
     W0: np.ndarray | None
     b0: np.ndarray | None
     dtype: torch.dtype = torch.float32
+    geometry: object = None  # LinearGeometry() when None
 
     @property
     def n_outputs(self):
@@ -51,10 +52,15 @@ def as_prior(head):
         W0 = head.weight.detach().to("cpu", torch.float64).numpy().copy()
         b0 = None if head.bias is None else head.bias.detach().to("cpu", torch.float64).numpy().copy()
         return Prior(W0, b0, head.weight.dtype)
+    if isinstance(head, (nn.Conv1d, nn.Conv2d)):
+        geometry = ConvGeometry(head)
+        W0 = head.weight.detach().to("cpu", torch.float64).reshape(head.out_channels, -1).numpy().copy()
+        b0 = None if head.bias is None else head.bias.detach().to("cpu", torch.float64).numpy().copy()
+        return Prior(W0, b0, head.weight.dtype, geometry)
     if isinstance(head, nn.Module):
         raise TypeError(
-            f"head={type(head).__name__} is not supported; pass the last torch.nn.Linear layer, "
-            "a pair (coef, intercept) of arrays, or None."
+            f"head={type(head).__name__} is not supported; pass the last torch.nn.Linear, Conv1d or "
+            "Conv2d layer, a pair (coef, intercept) of arrays, or None."
         )
     if not isinstance(head, (tuple, list)) or len(head) != 2:
         raise TypeError(
@@ -87,7 +93,8 @@ def as_prior(head):
 class AdaptedNetwork(nn.Module):
     """The extractor followed by the adapted linear head.
 
-    ``forward(x) = head(flatten(extractor(x)))``. Floating inputs are cast to the extractor's
+    ``forward(x) = head(flatten(extractor(x)))`` (no flattening before a convolutional
+    head). Floating inputs are cast to the extractor's
     dtype (as ``predict`` does) and features to the head's dtype, so a half-precision
     extractor can take float32 inputs and feed a float32 head. The output has shape
     ``(n_samples, k)``, as the torch layer it replaces.
@@ -102,7 +109,9 @@ class AdaptedNetwork(nn.Module):
         dtype = floating_dtype(self.extractor)
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
-        z = self.extractor(x).flatten(1)
+        z = self.extractor(x)
+        if isinstance(self.head, nn.Linear):
+            z = z.flatten(1)
         return self.head(z.to(self.head.weight.dtype))
 
 
@@ -115,3 +124,143 @@ def make_linear(coef, intercept, dtype):
         if intercept is not None:
             layer.bias.copy_(torch.from_numpy(intercept))
     return layer.requires_grad_(False)
+
+
+class LinearGeometry:
+    """A linear head: one design row per sample (the flattened features), k outputs."""
+
+    kind = "linear"
+
+    def check_features(self, feature_shape, n_outputs_y, y_sample_shape):
+        return (n_outputs_y,)
+
+    def rows_per_sample(self, feature_shape):
+        return 1
+
+    def design(self, Z, feature_shape):
+        """(b, d) flattened features -> (b, d) rows."""
+        return Z
+
+    def targets(self, Y, feature_shape):
+        """(b, k) targets -> (b, k) rows."""
+        return Y
+
+    def outputs(self, Z, feature_shape, coef, intercept):
+        return Z @ coef.T + intercept
+
+    def layer(self, coef, intercept, dtype):
+        return make_linear(coef, intercept, dtype)
+
+
+class ConvGeometry:
+    """A Conv1d/Conv2d head as a linear map of unfolded patches.
+
+    Each output position of each sample is one design row, the patch of ``C_in * prod(kernel)``
+    input values it sees (``torch.nn.functional.unfold`` order, matching
+    ``weight.reshape(C_out, -1)``); the targets are the ``C_out`` output channels there.
+    """
+
+    kind = "conv"
+
+    def __init__(self, conv):
+        if conv.groups != 1:
+            raise ValueError(
+                f"head={type(conv).__name__} has groups={conv.groups}; only groups=1 convolutions "
+                "are a single linear map of patches. Adapt a groups=1 layer."
+            )
+        if conv.padding_mode != "zeros":
+            raise ValueError(
+                f"head={type(conv).__name__} has padding_mode={conv.padding_mode!r}; only 'zeros' is "
+                "supported. Pad the features in the extractor instead."
+            )
+        self.ndim = 2 if isinstance(conv, nn.Conv2d) else 1
+        self.c_in, self.c_out = conv.in_channels, conv.out_channels
+        self.kernel = tuple(conv.kernel_size)
+        self.stride = tuple(conv.stride)
+        self.dilation = tuple(conv.dilation)
+        padding = conv.padding
+        if padding == "valid":
+            padding = (0,) * self.ndim
+        elif padding == "same":
+            total = [d * (k - 1) for d, k in zip(self.dilation, self.kernel, strict=True)]
+            if any(t % 2 for t in total):
+                raise ValueError(
+                    f"head={type(conv).__name__} uses padding='same' with an even kernel, which pads "
+                    "asymmetrically; give explicit integer padding."
+                )
+            padding = tuple(t // 2 for t in total)
+        self.padding = tuple(padding)
+
+    def _as_2d(self, values, fill):
+        return values if self.ndim == 2 else (fill, *values)
+
+    def out_spatial(self, feature_shape):
+        spatial = feature_shape[1:]
+        return tuple(
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(
+                spatial, self.padding, self.dilation, self.kernel, self.stride, strict=True
+            )
+        )
+
+    def check_features(self, feature_shape, n_outputs_y, y_sample_shape):
+        if len(feature_shape) != self.ndim + 1 or feature_shape[0] != self.c_in:
+            raise ValueError(
+                f"The conv head expects features of shape (C_in={self.c_in}, {self.ndim} spatial "
+                f"dims), but the extractor produces {feature_shape}; pass the head that follows it."
+            )
+        expected = (self.c_out, *self.out_spatial(feature_shape))
+        if tuple(y_sample_shape) != expected:
+            raise ValueError(
+                f"y has per-sample shape {tuple(y_sample_shape)}, but the conv head outputs {expected} "
+                f"on these features; pass y of shape (n_samples, {', '.join(map(str, expected))})."
+            )
+        return expected
+
+    def rows_per_sample(self, feature_shape):
+        return int(np.prod(self.out_spatial(feature_shape)))
+
+    def _unfold(self, F):
+        if self.ndim == 1:
+            F = F.unsqueeze(2)
+        return torch.nn.functional.unfold(
+            F,
+            self._as_2d(self.kernel, 1),
+            dilation=self._as_2d(self.dilation, 1),
+            padding=self._as_2d(self.padding, 0),
+            stride=self._as_2d(self.stride, 1),
+        )
+
+    def design(self, Z, feature_shape):
+        """(b, C_in * prod(spatial)) features -> (b * L, C_in * prod(kernel)) patch rows."""
+        patches = self._unfold(Z.reshape(Z.shape[0], *feature_shape))  # (b, D, L)
+        return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+    def targets(self, Y, feature_shape):
+        """(b, C_out * L) targets -> (b * L, C_out) rows, in the order of :meth:`design`."""
+        return Y.reshape(Y.shape[0], self.c_out, -1).transpose(1, 2).reshape(-1, self.c_out)
+
+    def outputs(self, Z, feature_shape, coef, intercept):
+        F = Z.reshape(Z.shape[0], *feature_shape)
+        weight = coef.reshape(self.c_out, self.c_in, *self.kernel)
+        conv = torch.nn.functional.conv2d if self.ndim == 2 else torch.nn.functional.conv1d
+        out = conv(F, weight, intercept, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        return out.reshape(out.shape[0], -1)
+
+    def layer(self, coef, intercept, dtype):
+        cls = nn.Conv2d if self.ndim == 2 else nn.Conv1d
+        layer = cls(
+            self.c_in,
+            self.c_out,
+            self.kernel,
+            stride=self.stride,
+            padding=self.padding,
+            dilation=self.dilation,
+            bias=intercept is not None,
+            dtype=dtype,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(torch.from_numpy(coef.reshape(layer.weight.shape)))
+            if intercept is not None:
+                layer.bias.copy_(torch.from_numpy(intercept))
+        return layer.requires_grad_(False)

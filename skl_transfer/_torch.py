@@ -190,10 +190,13 @@ def _as_device_arrays(device, *arrays):
     return [torch.as_tensor(a, dtype=torch.float64, device=device) for a in arrays]
 
 
-def accumulate_moments(batches, Y, s, W0, b0):
-    """Moments of (Z, Q = Y - Z W0^T - b0) merged batch by batch, returned as numpy.
+def accumulate_moments(batches, Y, s, W0, b0, geometry=None, feature_shape=()):
+    """Moments of the design rows and residue rows ``Q = targets - rows W0^T - b0``, merged
+    batch by batch, returned as numpy.
 
-    Memory is O(d^2 + batch): the n x d feature matrix is never formed.
+    ``geometry`` turns a batch of features into design rows (a linear head: the features;
+    a conv head: their patches) and a batch of targets into target rows; None is linear.
+    Memory is O(d^2 + batch): the full design matrix is never formed.
     """
     moments = None
     device = None
@@ -202,10 +205,41 @@ def accumulate_moments(batches, Y, s, W0, b0):
             if device is None:
                 device = Z.device
                 Yt, st, W0t, b0t = _as_device_arrays(device, Y, s, W0, b0)
-            Q = Yt[sl] - Z @ W0t.T - b0t
-            m = _solvers.batch_moments(Z, Q, st[sl])
-            moments = m if moments is None else _solvers.merge_moments(moments, m)
+            for rows, targets, w in _design_chunks(Z, Yt[sl], st[sl], geometry, feature_shape):
+                Q = targets - rows @ W0t.T - b0t
+                m = _solvers.batch_moments(rows, Q, w)
+                moments = m if moments is None else _solvers.merge_moments(moments, m)
     return _solvers.Moments(moments.weight, *(to_numpy(v) for v in moments[1:5]), moments.qq)
+
+
+ROW_BUDGET = 4096  # design rows (patches) formed at once for a conv head (~4 copies live)
+
+
+def _design_chunks(Z, Y, w, geometry, feature_shape):
+    """Yield (design rows, target rows, row weights) for a batch, in chunks of samples whose
+    patches number at most ROW_BUDGET (one sample at least): a conv head's patches are never
+    all materialised, only about ROW_BUDGET x C_in * prod(kernel) floats at a time."""
+    if geometry is None or geometry.kind == "linear":
+        yield Z, Y, w
+        return
+    per = geometry.rows_per_sample(feature_shape)
+    step = max(1, ROW_BUDGET // per)
+    for i in range(0, Z.shape[0], step):
+        rows = geometry.design(Z[i : i + step], feature_shape)
+        yield rows, geometry.targets(Y[i : i + step], feature_shape), w[i : i + step].repeat_interleave(per)
+
+
+def gather_design(batches, Y, s, geometry, feature_shape):
+    """All design rows, target rows and row weights as float64 numpy (for the dual solve)."""
+    rows, targets, weights = [], [], []
+    with torch.inference_mode():
+        for sl, Z, *_ in batches:
+            Yb = torch.as_tensor(Y[sl], dtype=torch.float64, device=Z.device)
+            R = geometry.design(Z, feature_shape)
+            rows.append(R.cpu().numpy())
+            targets.append(geometry.targets(Yb, feature_shape).cpu().numpy())
+            weights.append(np.repeat(s[sl], R.shape[0] // Z.shape[0]))
+    return np.concatenate(rows), np.concatenate(targets), np.concatenate(weights)
 
 
 def gather_features(batches):
@@ -214,18 +248,24 @@ def gather_features(batches):
         return torch.cat([b[1] for b in batches]).cpu().numpy()
 
 
-def linear_outputs(batches, n_samples, coef, intercept):
-    """``Z coef^T + intercept`` for every batch, as a float64 numpy array (n_samples, k)."""
-    out = np.empty((n_samples, coef.shape[0]))
+def head_outputs(batches, n_samples, coef, intercept, geometry=None, feature_shape=()):
+    """The adapted head's outputs for every batch, as float64 numpy (n_samples, outputs)."""
+    out = None
     coef_t = None
     with torch.inference_mode():
         for sl, Z, *_ in batches:
             if coef_t is None:
                 coef_t, b_t = _as_device_arrays(Z.device, coef, intercept)
-            if Z.shape[1] != coef.shape[1]:
-                raise ValueError(
-                    f"The extractor produced {Z.shape[1]} features, but the head was fitted on "
-                    f"{coef.shape[1]}."
-                )
-            out[sl] = (Z @ coef_t.T + b_t).cpu().numpy()
+            if geometry is None or geometry.kind == "linear":
+                if Z.shape[1] != coef.shape[1]:
+                    raise ValueError(
+                        f"The extractor produced {Z.shape[1]} features, but the head was fitted on "
+                        f"{coef.shape[1]}."
+                    )
+                Yb = Z @ coef_t.T + b_t
+            else:
+                Yb = geometry.outputs(Z, feature_shape, coef_t, b_t)
+            if out is None:
+                out = np.empty((n_samples, Yb.shape[1]))
+            out[sl] = Yb.cpu().numpy()
     return out

@@ -33,11 +33,15 @@ def check_input(X):
     return check_array(X, allow_nd=True, dtype="numeric", ensure_all_finite=True, input_name="X")
 
 
-def check_target(y, n_samples):
-    """y as a float64 array of shape (n_samples,) or (n_samples, k)."""
-    y = check_array(to_numpy(y), ensure_2d=False, dtype=np.float64, input_name="y")
-    if y.ndim > 2:
-        raise ValueError(f"y must have shape (n_samples,) or (n_samples, k), got {y.shape}.")
+def check_target(y, n_samples, max_ndim=2):
+    """y as a float64 array of shape (n_samples,) or (n_samples, k) (n-D up to ``max_ndim``
+    for convolutional heads)."""
+    y = check_array(to_numpy(y), ensure_2d=False, allow_nd=max_ndim > 2, dtype=np.float64, input_name="y")
+    if y.ndim > max_ndim:
+        raise ValueError(
+            f"y must have shape (n_samples,) or (n_samples, k), got {y.shape}"
+            + ("; an n-D y is for convolutional heads." if max_ndim == 2 else ".")
+        )
     if y.shape[0] != n_samples:
         raise ValueError(f"X has {n_samples} samples but y has {y.shape[0]}; pass one target row per sample.")
     return y

@@ -366,7 +366,7 @@ def _counting():
         ("y_cols", ValueError, "head has 1 outputs but y has 3"),
         ("alpha", ValueError, "alpha"),
         ("head_type", TypeError, "head"),
-        ("head_module", TypeError, "Conv1d is not supported"),
+        ("head_module", TypeError, "ConvTranspose1d is not supported"),
         ("sw_negative", ValueError, "Negative values in sample_weight"),
         ("sw_length", ValueError, r"sample_weight.shape == \(5,\), expected \(20,\)"),
         ("sw_zero", ValueError, "sums to zero"),
@@ -403,7 +403,7 @@ def test_bad_input_raises_before_any_forward_pass(case, exc, match):
     elif case == "head_type":
         head = "linear"
     elif case == "head_module":
-        head = nn.Conv1d(16, 1, 3)
+        head = nn.ConvTranspose1d(16, 1, 3)
     elif case == "sw_negative":
         kwargs["sample_weight"] = -np.ones(20)
     elif case == "sw_length":
