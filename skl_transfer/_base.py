@@ -12,7 +12,7 @@ from numbers import Integral
 import joblib
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -78,7 +78,7 @@ class Problem:
         return None if self.cached is None else self.cached.digest
 
 
-class BaseAdapter(RegressorMixin, BaseEstimator):
+class BaseAdapter(BaseEstimator):
     """Base class of the adapters (not public): everything but the solve."""
 
     _parameter_constraints: dict = {

@@ -7,7 +7,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.base import _fit_context
+from sklearn.base import RegressorMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
@@ -15,7 +15,7 @@ from ._base import BaseAdapter
 from ._torch import gather_features, resolve_device
 
 
-class GradientDescentAdapter(BaseAdapter):
+class GradientDescentAdapter(RegressorMixin, BaseAdapter):
     r"""Fine-tune a pretrained last layer by gradient descent on frozen features (MSE).
 
     The baseline of the paper: the same frozen extractor and head as

@@ -40,7 +40,7 @@ def _accepts_sample_weight(scorer):
     return "sample_weight" in signature(scorer).parameters
 
 
-class LayerVariationalAdapterCV(BaseAdapter):
+class LayerVariationalAdapterCV(RegressorMixin, BaseAdapter):
     r"""Layer variational adaptation with alpha chosen by cross-validation, at about one fit.
 
     The same update as :class:`LayerVariationalAdapter`,
