@@ -6,6 +6,7 @@ Layer variational analysis (Tseng et al., ICLR 2023) as scikit-learn estimators.
 from ._adapter import LayerVariationalAdapter
 from ._baselines import GradientDescentAdapter
 from ._cache import cache_info, clear_cache, set_cache_limit
+from ._classifier import LayerVariationalClassifier
 from ._cv import LayerVariationalAdapterCV
 
 __version__ = "0.1.0"
@@ -14,6 +15,7 @@ __all__ = [
     "GradientDescentAdapter",
     "LayerVariationalAdapter",
     "LayerVariationalAdapterCV",
+    "LayerVariationalClassifier",
     "cache_info",
     "clear_cache",
     "set_cache_limit",

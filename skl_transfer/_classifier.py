@@ -1,0 +1,237 @@
+"""LayerVariationalClassifier: the layer update for a pretrained head that outputs logits."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from numbers import Integral, Real
+
+import numpy as np
+from sklearn.base import ClassifierMixin, _fit_context
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.utils._param_validation import Interval, StrOptions
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, column_or_1d
+
+from . import _solvers
+from ._base import BaseAdapter
+from ._heads import as_prior
+from ._torch import gather_design, to_numpy
+
+
+class LayerVariationalClassifier(ClassifierMixin, BaseAdapter):
+    r"""Closed-form (or Newton) adaptation of a pretrained classification head.
+
+    The head outputs logits ``l = z W^T + b`` over ``k`` classes; ``W0, b0`` are the
+    pretrained ones. Two losses:
+
+    * ``loss="squared"`` (the paper's framework): the layer update of
+      :class:`LayerVariationalAdapter` toward *target logits* ``T``,
+      :math:`\min \sum_i s_i \|z_i \Delta W^T + \Delta b - (T_i - l^0_i)\|^2 + \alpha \|\Delta W\|^2`.
+      ``T`` starts from the pretrained logits ``l^0`` and only corrects what is wrong: where the
+      true class does not lead every other logit by ``margin``, the true logit is raised and
+      the others lowered by half the shortfall each. Samples the pretrained head already
+      classifies with margin have zero residue, and the logits keep the pretrained scale,
+      so predict_proba stays calibrated like the pretrained network's (a one-hot target
+      would pull every logit to 0/1 and flatten the probabilities). With ``head=None`` the
+      targets are ``±margin/2`` one-hot codes (a linear probe).
+    * ``loss="log"``: multinomial log loss
+      :math:`\sum_i s_i\,\mathrm{CE}(\mathrm{softmax}(l_i), y_i) + \alpha \|W - W_0\|_F^2`,
+      by Newton steps from the pretrained head, each a closed-form solve of the
+      ``k (d + 1)`` Hessian system, until no parameter moves by more than
+      ``tol * (1 + max |parameter|)`` (at most ``max_iter`` steps).
+
+    Parameters
+    ----------
+    extractor, head : see :class:`LayerVariationalAdapter`; the head's outputs are the
+        logits of classes ``0 .. k-1``, so with a head y must hold integer labels in that
+        range. With ``head=None`` any labels are accepted (a linear probe).
+    alpha : float, default=1.0
+        Penalty on ``||W - W0||_F^2``.
+    loss : {"squared", "log"}, default="squared"
+        As above.
+    margin : float or "auto", default="auto"
+        Logit margin of the squared loss's targets; "auto" is ``log(9 (k - 1))``, the margin
+        at which softmax gives the true class probability 0.9 against ``k - 1`` rivals.
+    max_iter : int, default=20
+        Newton steps of the log loss.
+    tol : float, default=1e-8
+        Newton stopping tolerance (relative parameter change).
+    fit_intercept, batch_size, device, verbose, cache : see :class:`LayerVariationalAdapter`.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (k,)
+        ``0 .. k-1`` with a head; the sorted labels seen in fit without one.
+    coef_ : ndarray of shape (k, d)
+        Adapted logit weights (torch Linear layout, also for two classes).
+    intercept_ : ndarray of shape (k,)
+    n_iter_ : int
+        Newton steps taken (1, the one closed-form solve, for the squared loss).
+    delta_coef_, delta_intercept_, residue_norm_, residual_norm_, fit_intercept_, extractor_ :
+        As in :class:`LayerVariationalAdapter` (for the log loss the residue norms are those of
+        the squared loss's targets, a measure of what the pretrained head gets wrong).
+    """
+
+    _parameter_constraints: dict = {
+        **BaseAdapter._parameter_constraints,
+        "alpha": [Interval(Real, 0, None, closed="left")],
+        "loss": [StrOptions({"squared", "log"})],
+        "margin": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
+    }
+
+    def __init__(
+        self,
+        extractor=None,
+        head=None,
+        *,
+        alpha=1.0,
+        loss="squared",
+        margin="auto",
+        max_iter=20,
+        tol=1e-8,
+        fit_intercept="auto",
+        batch_size=256,
+        device="auto",
+        verbose=0,
+        cache=True,
+    ):
+        self.extractor = extractor
+        self.head = head
+        self.alpha = alpha
+        self.loss = loss
+        self.margin = margin
+        self.max_iter = max_iter
+        self.tol = tol
+        self.fit_intercept = fit_intercept
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+        self.cache = cache
+
+    def _encode(self, y):
+        y = column_or_1d(to_numpy(y), warn=True)
+        if y.shape[0] == 0:
+            raise ValueError("Found array with 0 sample(s) (shape=(0,)) while a minimum of 1 is required.")
+        check_classification_targets(y)
+        prior = as_prior(self.head)
+        if prior.geometry is not None:
+            raise ValueError(
+                "LayerVariationalClassifier adapts Linear heads; a conv head outputs maps, not logits."
+            )
+        if prior.W0 is None:
+            classes, yidx = np.unique(y, return_inverse=True)
+            if len(classes) < 2:
+                raise ValueError(
+                    f"{type(self).__name__} needs samples of at least 2 classes; got 1 class "
+                    f"({classes[0]!r}). With head=None the classes are the labels seen in fit."
+                )
+            return classes, yidx
+        k = prior.W0.shape[0]
+        labels = np.unique(y)
+        ok = np.issubdtype(labels.dtype, np.number) and np.all(labels == np.round(labels))
+        if not ok or labels.min() < 0 or labels.max() >= k:
+            raise ValueError(
+                f"The head outputs logits of {k} classes, labelled 0..{k - 1}, but y holds "
+                f"{labels[:10].tolist()}{'...' if len(labels) > 10 else ''}; map the labels to the "
+                "head's output indices, or use head=None for a new label set."
+            )
+        return np.arange(k), y.astype(np.int64)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Adapt the head to labelled target-domain data.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, *input_shape)
+        y : array-like of shape (n_samples,)
+            Class labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self : object
+        """
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
+        classes, yidx = self._encode(y)
+        k, n = len(classes), len(yidx)
+        onehot = np.zeros((n, k))
+        onehot[np.arange(n), yidx] = 1.0
+        p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
+        spec = p.spec
+        Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
+        L0 = Z @ spec.W0.T + spec.b0
+        margin = np.log(9.0 * max(k - 1, 1)) if self.margin == "auto" else float(self.margin)
+        T = self._targets(L0, yidx, margin, pretrained=spec.prior.W0 is not None)
+        Q = T - L0
+        rtol = spec.rtol(n)
+        t0 = time.perf_counter()
+        if self.loss == "squared":
+            self.n_iter_ = 1  # one closed-form solve
+            if n >= spec.d:
+                moments = _solvers.batch_moments(Z, Q, s)
+                dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, spec.fit_intercept, rtol)
+            else:
+                dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, s, self.alpha, spec.fit_intercept, rtol)
+        else:
+            W, b, self.n_iter_, converged = _solvers.multinomial_newton(
+                Z, yidx, s, spec.W0, spec.b0, self.alpha, spec.fit_intercept, self.max_iter, self.tol
+            )
+            if not converged:
+                warnings.warn(
+                    f"Newton's method did not converge in max_iter={self.max_iter} steps; "
+                    "increase max_iter or alpha.",
+                    ConvergenceWarning,
+                    stacklevel=2,
+                )
+            dWt, db = (W - spec.W0).T, b - spec.b0
+            R = Q - Z @ dWt - db
+            residual_sq = float(s @ (R * R).sum(1))
+        self._log(
+            f"{n} samples, {spec.d} features, {k} classes, {self.loss} loss: {time.perf_counter() - t0:.3f}s"
+        )
+        self._store(spec, p.X, p.net, dWt, db, float(s @ (Q * Q).sum(1)), residual_sq, p.digest)
+        self.classes_ = classes
+        return self
+
+    @staticmethod
+    def _targets(L0, yidx, margin, pretrained):
+        """Target logits: the pretrained ones, corrected where the true class lacks ``margin``."""
+        n, k = L0.shape
+        if not pretrained:
+            return margin * (np.eye(k)[yidx] - 0.5)
+        rows = np.arange(n)
+        true = L0[rows, yidx]
+        rival = np.where(np.eye(k, dtype=bool)[yidx], -np.inf, L0).max(axis=1)
+        short = np.maximum(0.0, margin - (true - rival))
+        T = L0 - short[:, None] / 2
+        T[rows, yidx] = true + short / 2
+        return T
+
+    def decision_function(self, X):
+        """Logits, (n_samples, k); for two classes the logit difference, (n_samples,)."""
+        check_is_fitted(self)
+        L = BaseAdapter.predict(self, X)
+        return L[:, 1] - L[:, 0] if len(self.classes_) == 2 else L
+
+    def predict_proba(self, X):
+        """Softmax of the logits, (n_samples, k)."""
+        check_is_fitted(self)
+        return _solvers._softmax(BaseAdapter.predict(self, X))
+
+    def predict_log_proba(self, X):
+        return np.log(self.predict_proba(X))
+
+    def predict(self, X):
+        """The class of largest logit."""
+        check_is_fitted(self)
+        return self.classes_[np.argmax(BaseAdapter.predict(self, X), axis=1)]
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = False
+        return tags
