@@ -4,7 +4,7 @@ Layer variational analysis (Tseng et al., ICLR 2023) as scikit-learn estimators.
 """
 
 from ._adapter import LayerVariationalAdapter
-from ._baselines import GradientDescentAdapter
+from ._baselines import GradientDescentAdapter, GradientDescentClassifier
 from ._cache import cache_info, clear_cache, set_cache_limit
 from ._classifier import LayerVariationalClassifier
 from ._cv import LayerVariationalAdapterCV
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "GradientDescentAdapter",
+    "GradientDescentClassifier",
     "LayerVariationalAdapter",
     "LayerVariationalAdapterCV",
     "LayerVariationalClassifier",

@@ -7,15 +7,16 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.base import RegressorMixin, _fit_context
+from sklearn.base import ClassifierMixin, RegressorMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._base import BaseAdapter
+from ._classifier import LogitsClassifierMixin
 from ._torch import gather_features, resolve_device
 
 
-class GradientDescentAdapter(RegressorMixin, BaseAdapter):
+class _GradientDescentBase(BaseAdapter):
     r"""Fine-tune a pretrained last layer by gradient descent on frozen features (MSE).
 
     The baseline of the paper: the same frozen extractor and head as
@@ -124,6 +125,11 @@ class GradientDescentAdapter(RegressorMixin, BaseAdapter):
     def _forward_batch_size(self):
         return 256 if self.batch_size is None else self.batch_size
 
+    @staticmethod
+    def _sample_loss(L, Y):
+        """Per-sample loss of outputs L against targets Y: the squared error."""
+        return ((L - Y) ** 2).sum(1)
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Train the head by gradient descent on the frozen features of X.
@@ -138,6 +144,9 @@ class GradientDescentAdapter(RegressorMixin, BaseAdapter):
         -------
         self : object
         """
+        return self._fit_gd(X, y, sample_weight)
+
+    def _fit_gd(self, X, y, sample_weight):
         p = self._start(X, y, sample_weight)
         spec = p.spec
         Z = gather_features(p.batches)  # once, not per epoch
@@ -179,12 +188,12 @@ class GradientDescentAdapter(RegressorMixin, BaseAdapter):
         train_t = torch.as_tensor(train)
         step = len(train) if self.batch_size is None else self.batch_size
 
-        def objective(idx):
-            r = Zt[idx] @ W.T + b - Yt[idx]
+        def data_loss(idx):
             w = st[idx]
-            return (w @ (r * r).sum(1)) / w.sum().clamp_min(1e-300) + self.weight_decay * (
-                (W - W_ref) ** 2
-            ).sum()
+            return (w @ self._sample_loss(Zt[idx] @ W.T + b, Yt[idx])) / w.sum().clamp_min(1e-300)
+
+        def objective(idx):
+            return data_loss(idx) + self.weight_decay * ((W - W_ref) ** 2).sum()
 
         losses, val_losses = [], []
         best = (np.inf, 0, W.detach().clone(), b.detach().clone())
@@ -198,9 +207,7 @@ class GradientDescentAdapter(RegressorMixin, BaseAdapter):
             with torch.no_grad():
                 losses.append(float(objective(train_t)))
                 if val is not None:
-                    v = torch.as_tensor(val)
-                    r = Zt[v] @ W.T + b - Yt[v]
-                    val_losses.append(float((st[v] @ (r * r).sum(1)) / st[v].sum().clamp_min(1e-300)))
+                    val_losses.append(float(data_loss(torch.as_tensor(val))))
                     if val_losses[-1] < best[0]:
                         best = (val_losses[-1], epoch + 1, W.detach().clone(), b.detach().clone())
         seconds = time.perf_counter() - t0
@@ -210,3 +217,55 @@ class GradientDescentAdapter(RegressorMixin, BaseAdapter):
         curves = (np.array(losses), None if val is None else np.array(val_losses))
         to64 = lambda t: t.double().cpu().numpy()  # noqa: E731
         return to64(best[2]), to64(best[3]), curves, best[1], seconds
+
+
+class GradientDescentAdapter(RegressorMixin, _GradientDescentBase):
+    __doc__ = _GradientDescentBase.__doc__
+
+
+class GradientDescentClassifier(LogitsClassifierMixin, ClassifierMixin, _GradientDescentBase):
+    """Fine-tune a pretrained logit head by gradient descent on frozen features (cross-entropy).
+
+    The classification twin of :class:`GradientDescentAdapter` (same parameters): the head's
+    logits are trained on the weighted mean cross-entropy plus
+    ``weight_decay * ||W - W_ref||_F^2``. Labels follow :class:`LayerVariationalClassifier`:
+    with a head, integer labels ``0 .. k-1`` (its outputs); with ``head=None``, any labels.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (k,)
+    coef_ : ndarray of shape (k, d)
+    intercept_ : ndarray of shape (k,)
+    loss_curve_, validation_loss_curve_, best_epoch_, fit_time_ :
+        As in :class:`GradientDescentAdapter` (losses are cross-entropies).
+    """
+
+    @staticmethod
+    def _sample_loss(L, Y):
+        """Cross-entropy of logits L against one-hot Y."""
+        return -(torch.log_softmax(L, dim=1) * Y).sum(1)
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Train the logit head by gradient descent on the frozen features of X.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, *input_shape)
+        y : array-like of shape (n_samples,)
+            Class labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        self : object
+        """
+        classes, onehot = self._encode_onehot(y)
+        self._fit_gd(X, onehot, sample_weight)
+        self.classes_ = classes
+        return self
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = False
+        return tags

@@ -19,7 +19,69 @@ from ._heads import as_prior
 from ._torch import gather_design, to_numpy
 
 
-class LayerVariationalClassifier(ClassifierMixin, BaseAdapter):
+class LogitsClassifierMixin:
+    """Labels and predictions of an adapter whose head outputs logits (shared by the LVA and
+    gradient-descent classifiers): label encoding against the head, decision_function,
+    predict_proba, predict."""
+
+    def _encode(self, y):
+        y = column_or_1d(to_numpy(y), warn=True)
+        if y.shape[0] == 0:
+            raise ValueError("Found array with 0 sample(s) (shape=(0,)) while a minimum of 1 is required.")
+        check_classification_targets(y)
+        prior = as_prior(self.head)
+        if prior.geometry is not None:
+            raise ValueError(
+                "LayerVariationalClassifier adapts Linear heads; a conv head outputs maps, not logits."
+            )
+        if prior.W0 is None:
+            classes, yidx = np.unique(y, return_inverse=True)
+            if len(classes) < 2:
+                raise ValueError(
+                    f"{type(self).__name__} needs samples of at least 2 classes; got 1 class "
+                    f"({classes[0]!r}). With head=None the classes are the labels seen in fit."
+                )
+            return classes, yidx
+        k = prior.W0.shape[0]
+        labels = np.unique(y)
+        ok = np.issubdtype(labels.dtype, np.number) and np.all(labels == np.round(labels))
+        if not ok or labels.min() < 0 or labels.max() >= k:
+            raise ValueError(
+                f"The head outputs logits of {k} classes, labelled 0..{k - 1}, but y holds "
+                f"{labels[:10].tolist()}{'...' if len(labels) > 10 else ''}; map the labels to the "
+                "head's output indices, or use head=None for a new label set."
+            )
+        return np.arange(k), y.astype(np.int64)
+
+    def _encode_onehot(self, y):
+        if y is None:
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
+        classes, yidx = self._encode(y)
+        onehot = np.zeros((len(yidx), len(classes)))
+        onehot[np.arange(len(yidx)), yidx] = 1.0
+        return classes, onehot
+
+    def decision_function(self, X):
+        """Logits, (n_samples, k); for two classes the logit difference, (n_samples,)."""
+        check_is_fitted(self)
+        L = BaseAdapter.predict(self, X)
+        return L[:, 1] - L[:, 0] if len(self.classes_) == 2 else L
+
+    def predict_proba(self, X):
+        """Softmax of the logits, (n_samples, k)."""
+        check_is_fitted(self)
+        return _solvers._softmax(BaseAdapter.predict(self, X))
+
+    def predict_log_proba(self, X):
+        return np.log(self.predict_proba(X))
+
+    def predict(self, X):
+        """The class of largest logit."""
+        check_is_fitted(self)
+        return self.classes_[np.argmax(BaseAdapter.predict(self, X), axis=1)]
+
+
+class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAdapter):
     r"""Closed-form (or Newton) adaptation of a pretrained classification head.
 
     The head outputs logits ``l = z W^T + b`` over ``k`` classes; ``W0, b0`` are the
@@ -111,35 +173,6 @@ class LayerVariationalClassifier(ClassifierMixin, BaseAdapter):
         self.verbose = verbose
         self.cache = cache
 
-    def _encode(self, y):
-        y = column_or_1d(to_numpy(y), warn=True)
-        if y.shape[0] == 0:
-            raise ValueError("Found array with 0 sample(s) (shape=(0,)) while a minimum of 1 is required.")
-        check_classification_targets(y)
-        prior = as_prior(self.head)
-        if prior.geometry is not None:
-            raise ValueError(
-                "LayerVariationalClassifier adapts Linear heads; a conv head outputs maps, not logits."
-            )
-        if prior.W0 is None:
-            classes, yidx = np.unique(y, return_inverse=True)
-            if len(classes) < 2:
-                raise ValueError(
-                    f"{type(self).__name__} needs samples of at least 2 classes; got 1 class "
-                    f"({classes[0]!r}). With head=None the classes are the labels seen in fit."
-                )
-            return classes, yidx
-        k = prior.W0.shape[0]
-        labels = np.unique(y)
-        ok = np.issubdtype(labels.dtype, np.number) and np.all(labels == np.round(labels))
-        if not ok or labels.min() < 0 or labels.max() >= k:
-            raise ValueError(
-                f"The head outputs logits of {k} classes, labelled 0..{k - 1}, but y holds "
-                f"{labels[:10].tolist()}{'...' if len(labels) > 10 else ''}; map the labels to the "
-                "head's output indices, or use head=None for a new label set."
-            )
-        return np.arange(k), y.astype(np.int64)
-
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
         """Adapt the head to labelled target-domain data.
@@ -155,12 +188,9 @@ class LayerVariationalClassifier(ClassifierMixin, BaseAdapter):
         -------
         self : object
         """
-        if y is None:
-            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
-        classes, yidx = self._encode(y)
-        k, n = len(classes), len(yidx)
-        onehot = np.zeros((n, k))
-        onehot[np.arange(n), yidx] = 1.0
+        classes, onehot = self._encode_onehot(y)
+        yidx = onehot.argmax(axis=1)
+        k, n = onehot.shape
         p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
         spec = p.spec
         Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
@@ -211,25 +241,6 @@ class LayerVariationalClassifier(ClassifierMixin, BaseAdapter):
         T = L0 - short[:, None] / 2
         T[rows, yidx] = true + short / 2
         return T
-
-    def decision_function(self, X):
-        """Logits, (n_samples, k); for two classes the logit difference, (n_samples,)."""
-        check_is_fitted(self)
-        L = BaseAdapter.predict(self, X)
-        return L[:, 1] - L[:, 0] if len(self.classes_) == 2 else L
-
-    def predict_proba(self, X):
-        """Softmax of the logits, (n_samples, k)."""
-        check_is_fitted(self)
-        return _solvers._softmax(BaseAdapter.predict(self, X))
-
-    def predict_log_proba(self, X):
-        return np.log(self.predict_proba(X))
-
-    def predict(self, X):
-        """The class of largest logit."""
-        check_is_fitted(self)
-        return self.classes_[np.argmax(BaseAdapter.predict(self, X), axis=1)]
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

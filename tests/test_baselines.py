@@ -10,7 +10,12 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skl_transfer import GradientDescentAdapter, LayerVariationalAdapter
+from skl_transfer import (
+    GradientDescentAdapter,
+    GradientDescentClassifier,
+    LayerVariationalAdapter,
+    LayerVariationalClassifier,
+)
 
 
 def _data(n=150, seed=0):
@@ -91,4 +96,31 @@ EXPECTED = {
     expected_failed_checks=lambda est: EXPECTED,
 )
 def test_sklearn_compatible(estimator, check):
+    check(estimator)
+
+
+def test_gd_classifier_converges_to_the_log_loss_closed_form():
+    body, head = make_body(batchnorm=False).float(), make_head(n_out=3).float()
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(150, 5))
+    y = np.argmax(X[:, :3] + 0.5 * rng.normal(size=(150, 3)), axis=1)
+    gd = GradientDescentClassifier(body, head, lr=0.02, epochs=3000, weight_decay=0.01, random_state=0).fit(
+        X, y
+    )
+    lva = LayerVariationalClassifier(body, head, loss="log", alpha=0.01 * 150, tol=1e-12, max_iter=50).fit(
+        X, y
+    )
+    assert list(gd.classes_) == [0, 1, 2]
+    assert_allclose(gd.coef_, lva.coef_, atol=2e-3 * np.abs(lva.coef_).max())
+    assert_allclose(gd.predict_proba(X), lva.predict_proba(X), atol=2e-3)
+    labels = np.array(["a", "b", "c"])[y]
+    probe = GradientDescentClassifier(lr=0.05, epochs=100, random_state=0).fit(X, labels)
+    assert set(probe.predict(X)) <= {"a", "b", "c"}
+
+
+@parametrize_with_checks(
+    [GradientDescentClassifier(lr=0.05, epochs=100, random_state=0)],
+    expected_failed_checks=lambda est: EXPECTED,
+)
+def test_gd_classifier_sklearn_compatible(estimator, check):
     check(estimator)
