@@ -190,7 +190,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         """
         classes, onehot = self._encode_onehot(y)
         yidx = onehot.argmax(axis=1)
-        k, n = onehot.shape
+        n, k = onehot.shape
         p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
         spec = p.spec
         Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)

@@ -122,3 +122,11 @@ def test_frozen_pickle_and_grid_search():
     assert all(torch.equal(before[k], v) for k, v in head.state_dict().items())
     again = pickle.loads(pickle.dumps(search.best_estimator_))
     assert_array_equal(again.predict_proba(X), search.predict_proba(X))
+
+
+def test_auto_margin_is_log_of_nine_times_rivals():
+    X, y = _data(60, k=4)
+    body, head = make_body(), make_head(n_out=4)
+    auto = LayerVariationalClassifier(body, head).fit(X, y)
+    explicit = LayerVariationalClassifier(body, head, margin=np.log(9 * 3)).fit(X, y)
+    assert_allclose(auto.coef_, explicit.coef_, rtol=1e-12)
