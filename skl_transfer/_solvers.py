@@ -343,6 +343,9 @@ def log_loss_objective(Z, yidx, s, W, b, W0, alpha):
     return float(s @ (lse - L[np.arange(len(yidx)), yidx]) + alpha * np.sum((W - W0) ** 2))
 
 
+MAX_LOGIT_STEP = 5.0  # largest change of any logit in one Newton step
+
+
 def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, tol=1e-8, rtol=None):
     """Penalised multinomial logistic regression by Newton's method, started at the prior.
 
@@ -350,8 +353,10 @@ def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, to
     when the intercept is fitted), class probabilities ``p_i`` and ``A_i = diag(p_i) - p_i p_i^T``,
     the Hessian is ``sum_i s_i A_i (x) x_i x_i^T + 2 alpha I`` (on W only) and each step solves
     it in closed form (pseudo-inverse: the softmax is invariant to a common shift of the
-    logits, so the bias block is singular). Steps are halved until the objective decreases.
-    Stops when a step changes no parameter by more than ``tol * (1 + max |parameter|)``.
+    logits, so the bias block is singular). A step moves no logit by more than
+    ``MAX_LOGIT_STEP`` and is halved until the objective decreases enough (Armijo); a point
+    that does not decrease the objective is never accepted. Stops, converged, when a step
+    changes no parameter by more than ``tol * (1 + max |parameter|)``.
 
     Returns ``(W, b, n_iter, converged)``.
     """
@@ -385,13 +390,23 @@ def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, to
         H = H.reshape(k * e, k * e)
         H[np.diag_indices_from(H)] += 2 * alpha * pen.ravel()
         step = -solve_gram(H, G.reshape(-1, 1), 0.0, rtol).reshape(k, e)
-        t = 1.0
-        while True:
+        # Saturated probabilities make the Hessian nearly singular and the full step huge:
+        # cap the step so that no logit moves by more than MAX_LOGIT_STEP, then backtrack
+        # (Armijo) without ever accepting a worse point.
+        moved = np.abs(X @ step.T).max()
+        if moved > MAX_LOGIT_STEP:
+            step *= MAX_LOGIT_STEP / moved
+        slope = float(np.vdot(G, step))
+        t, accepted = 1.0, False
+        while t >= 2.0**-30:
             new = theta + t * step
             new_obj = log_loss_objective(Z, yidx, s, *split(new), W0, alpha)
-            if new_obj <= obj or t < 1e-6:
+            if new_obj <= obj + 1e-4 * t * slope:
+                accepted = True
                 break
             t *= 0.5
+        if not accepted:
+            break
         change = np.abs(new - theta).max()
         theta, obj = new, new_obj
         if change <= tol * (1 + np.abs(theta).max()):
