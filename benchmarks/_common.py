@@ -46,8 +46,8 @@ def timeseries_setup(seed=937):
     return t.numpy(), x.numpy(), (t + dt).numpy(), (r * x + dx).numpy(), net
 
 
-def pretrain(net, X, y, *, epochs, lr=1e-3, name=None):
-    """Full-batch Adam on the MSE; weights cached under benchmarks/.cache/<name>.pt."""
+def pretrain(net, X, y, *, epochs, lr=1e-3, loss=nn.functional.mse_loss, name=None):
+    """Full-batch Adam on ``loss`` (MSE by default); weights cached under benchmarks/.cache/<name>.pt."""
     path = None if name is None else CACHE / f"{name}.pt"
     if path is not None and path.exists():
         net.load_state_dict(torch.load(path))
@@ -57,8 +57,7 @@ def pretrain(net, X, y, *, epochs, lr=1e-3, name=None):
     net.train()
     for _ in range(epochs):
         opt.zero_grad()
-        loss = nn.functional.mse_loss(net(X), y)
-        loss.backward()
+        loss(net(X), y).backward()
         opt.step()
     if path is not None:
         CACHE.mkdir(exist_ok=True)
@@ -95,3 +94,11 @@ def write_csv(name, rows):
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def save_figure(fig, name, csv_path):
+    """Write ``fig`` to benchmarks/results/<name>.png and say where both outputs went."""
+    fig.tight_layout()
+    png = RESULTS / f"{name}.png"
+    fig.savefig(png, dpi=120)
+    print(f"wrote {csv_path} and {png}")

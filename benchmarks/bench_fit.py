@@ -27,7 +27,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import RESULTS, median_time, write_csv
+from _common import median_time, save_figure, write_csv
 from sklearn.linear_model import Ridge
 from torch import nn
 
@@ -115,9 +115,7 @@ def main(argv=None):
     ax.set_ylabel("fit time, s (median)")
     ax.set_title(f"Fit time, d = {d}")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=120)
-    print(f"wrote {path} and {RESULTS / (name + '.png')}")
+    save_figure(fig, name, path)
     return rows
 
 

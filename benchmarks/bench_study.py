@@ -29,7 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import RESULTS, write_csv
+from _common import save_figure, write_csv
 from sklearn.model_selection import GridSearchCV, KFold
 from torch import nn
 
@@ -153,9 +153,7 @@ def main(argv=None):
     ax.set_xscale("log")
     ax.set_xlabel("time / one fit (log scale)")
     ax.set_title(f"A 30-alpha x 5-fold study, {n} images, d = 256")
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=120)
-    print(f"wrote {path} and {RESULTS / (name + '.png')}")
+    save_figure(fig, name, path)
     return rows
 
 

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import RESULTS, write_csv
+from _common import pretrain, save_figure, write_csv
 from scipy.ndimage import gaussian_filter
 from sklearn.datasets import load_digits
 from torch import nn
@@ -61,24 +61,18 @@ def main(argv=None):
     split = np.random.default_rng(0).permutation(len(X))
     source, target = split[:900], split[900:]  # disjoint images for the two domains
 
-    net = digits_cnn()
     t0 = time.perf_counter()
-    if True:
-        Xs, ys = torch.as_tensor(X[source]), torch.as_tensor(y[source])
-        cache = RESULTS.parent / ".cache" / "digits_cnn.pt"
-        if cache.exists():
-            net.load_state_dict(torch.load(cache))
-        else:
-            opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-            for _ in range(300 if not args.quick else 150):
-                opt.zero_grad()
-                nn.functional.cross_entropy(net(Xs), ys).backward()
-                opt.step()
-            if not args.quick:
-                cache.parent.mkdir(exist_ok=True)
-                torch.save(net.state_dict(), cache)
-        net.eval()
-        print(f"pretrained on {len(source)} clean digits ({time.perf_counter() - t0:.1f} s)")
+    net, _ = pretrain(
+        digits_cnn(),
+        X[source],
+        y[source],
+        epochs=150 if args.quick else 300,
+        lr=1e-2,
+        loss=nn.functional.cross_entropy,
+        name=None if args.quick else "digits_cnn",
+    )
+    net.eval()
+    print(f"pretrained on {len(source)} clean digits ({time.perf_counter() - t0:.1f} s)")
     body, head = net[:-1], net[-1]
 
     Xt = shifted(X[target], args.shift)
@@ -141,9 +135,7 @@ def main(argv=None):
     ax.set_ylabel("held-out accuracy")
     ax.set_title(f"Digits, {args.shift} shift: adapting the last layer")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=120)
-    print(f"wrote {path} and {RESULTS / (name + '.png')}")
+    save_figure(fig, name, path)
     return summary
 
 

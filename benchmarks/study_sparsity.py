@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import RESULTS, predict_torch, pretrain, timeseries_setup, write_csv
+from _common import predict_torch, pretrain, save_figure, timeseries_setup, write_csv
 
 from skl_transfer import LayerVariationalAdapter, LayerVariationalAdapterCV
 
@@ -85,9 +85,7 @@ def main(argv=None):
     ax.set_ylabel("held-out target MSE")
     ax.set_title("Sparsity study, experiment 1 (mean ± std over seeds)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / f"{name}.png", dpi=120)
-    print(f"wrote {path} and {RESULTS / (name + '.png')}")
+    save_figure(fig, name, path)
     return summary
 
 
