@@ -6,17 +6,17 @@ import time
 from numbers import Real
 
 import numpy as np
-from sklearn.base import RegressorMixin, _fit_context
+from sklearn.base import _fit_context
 from sklearn.utils._param_validation import Interval
 
 from . import _solvers
-from ._base import BaseAdapter
+from ._base import AdapterRegressorMixin, BaseAdapter
 from ._dask import dask_moments, is_dask_array
 from ._torch import accumulate_moments, gather_design, to_numpy
 from ._validation import check_sample_weight
 
 
-class LayerVariationalAdapter(RegressorMixin, BaseAdapter):
+class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
     r"""Closed-form adaptation of a pretrained last layer to a new domain.
 
     With ``Z = extractor(X)`` (flattened to ``n_samples x d``) and the pretrained head

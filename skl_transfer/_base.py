@@ -12,7 +12,8 @@ from numbers import Integral
 import joblib
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -178,9 +179,11 @@ class BaseAdapter(BaseEstimator):
         conv = geometry.kind == "conv"
         if conv and (self.extractor is None or not self._supports_conv):
             raise ValueError(
-                f"A convolutional head needs an extractor that outputs (C_in, *spatial) features, "
-                f"and {type(self).__name__} supports it only if it is LayerVariationalAdapter; "
-                "use LayerVariationalAdapter with GridSearchCV for a convolutional head."
+                "A convolutional head needs an extractor that outputs (C_in, *spatial) features; "
+                f"{type(self).__name__} "
+                + ("has extractor=None" if self.extractor is None else "does not support one")
+                + ". Pass the body as extractor, with LayerVariationalAdapter, "
+                "LayerVariationalAdapterCV or GradientDescentAdapter."
             )
         device = resolve_device(self.device)
         X, y = self._validate_X(X, reset=True, y=y, y_max_ndim=geometry.ndim + 2 if conv else 2)
@@ -295,7 +298,7 @@ class BaseAdapter(BaseEstimator):
         coef, intercept = self._coef_2d()
         spec = self._spec
         batches = self._features(self._runtime_extractor(), X, desc="predict")
-        out = head_outputs(batches, X.shape[0], coef, intercept, spec.geometry, spec.feature_shape)
+        out = head_outputs(batches, X.shape[0], [(coef, intercept)], spec.geometry, spec.feature_shape)[0]
         return out.reshape(X.shape[0], *spec.y_shape)
 
     def to_module(self):
@@ -331,3 +334,30 @@ class BaseAdapter(BaseEstimator):
         state = super().__getstate__()
         state.pop("_extractor_on_device", None)
         return state
+
+
+class AdapterRegressorMixin(RegressorMixin):
+    """RegressorMixin whose ``score`` also takes a conv head's (n, C_out, *spatial) outputs."""
+
+    def score(self, X, y, sample_weight=None):
+        """R^2 of ``predict(X)`` against ``y``; a convolutional head's outputs are flattened
+        per sample (every output position a column, averaged uniformly), as sklearn's metrics
+        take at most 2-D targets.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, *input_shape)
+        y : array-like of shape (n_samples,), (n_samples, k) or (n_samples, C_out, *spatial)
+        sample_weight : array-like of shape (n_samples,), default=None
+
+        Returns
+        -------
+        score : float
+        """
+        pred = self.predict(X)
+        if pred.ndim <= 2:
+            return super().score(X, y, sample_weight)
+        y = np.asarray(to_numpy(y))
+        return float(
+            r2_score(y.reshape(len(y), -1), pred.reshape(len(pred), -1), sample_weight=sample_weight)
+        )

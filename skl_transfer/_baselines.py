@@ -7,13 +7,13 @@ from numbers import Integral, Real
 
 import numpy as np
 import torch
-from sklearn.base import ClassifierMixin, RegressorMixin, _fit_context
+from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.utils import check_random_state
 from sklearn.utils._param_validation import Interval, StrOptions
 
-from ._base import BaseAdapter
+from ._base import AdapterRegressorMixin, BaseAdapter
 from ._classifier import LogitsClassifierMixin
-from ._torch import gather_features, resolve_device
+from ._torch import gather_features, head_outputs, resolve_device
 
 
 class _GradientDescentBase(BaseAdapter):
@@ -121,6 +121,8 @@ class _GradientDescentBase(BaseAdapter):
         self.verbose = verbose
         self.cache = cache
 
+    _supports_conv = True
+
     @property
     def _forward_batch_size(self):
         return 256 if self.batch_size is None else self.batch_size
@@ -165,8 +167,14 @@ class _GradientDescentBase(BaseAdapter):
             val, train = np.sort(perm[:n_val]), np.sort(perm[n_val:])
         W, b, curves, best_epoch, seconds = self._descend(Z, p.Y, p.s, spec, train, val, rng)
         dWt, db = (W - spec.W0).T, b - spec.b0
-        Q = p.Y - Z @ spec.W0.T - spec.b0
-        R = Q - Z @ dWt - db
+        prior, adapted = head_outputs(
+            [(slice(None), torch.from_numpy(Z))],
+            n,
+            [(spec.W0, spec.b0), (W, b)],
+            spec.geometry,
+            spec.feature_shape,
+        )
+        Q, R = p.Y - prior, p.Y - adapted
         self._store(
             spec, p.X, p.net, dWt, db, float(p.s @ (Q * Q).sum(1)), float(p.s @ (R * R).sum(1)), p.digest
         )
@@ -190,7 +198,8 @@ class _GradientDescentBase(BaseAdapter):
 
         def data_loss(idx):
             w = st[idx]
-            return (w @ self._sample_loss(Zt[idx] @ W.T + b, Yt[idx])) / w.sum().clamp_min(1e-300)
+            L = spec.geometry.outputs(Zt[idx], spec.feature_shape, W, b)
+            return (w @ self._sample_loss(L, Yt[idx])) / w.sum().clamp_min(1e-300)
 
         def objective(idx):
             return data_loss(idx) + self.weight_decay * ((W - W_ref) ** 2).sum()
@@ -219,7 +228,7 @@ class _GradientDescentBase(BaseAdapter):
         return to64(best[2]), to64(best[3]), curves, best[1], seconds
 
 
-class GradientDescentAdapter(RegressorMixin, _GradientDescentBase):
+class GradientDescentAdapter(AdapterRegressorMixin, _GradientDescentBase):
     __doc__ = _GradientDescentBase.__doc__
 
 

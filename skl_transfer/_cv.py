@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from inspect import signature
 
@@ -13,8 +14,9 @@ from sklearn.model_selection import check_cv
 from sklearn.utils._param_validation import StrOptions
 
 from . import _solvers
-from ._base import BaseAdapter
-from ._torch import gather_features
+from ._base import AdapterRegressorMixin, BaseAdapter
+from ._heads import as_prior
+from ._torch import accumulate_moments, cached_extractor, gather_features, head_outputs
 
 
 class _FixedPredictions(RegressorMixin, BaseEstimator):
@@ -33,6 +35,12 @@ class _FixedPredictions(RegressorMixin, BaseEstimator):
         return True
 
 
+def _targets(Y, spec):
+    """Rows of targets or predictions as scorers see them: 1-D for a 1-D y, else 2-D (a conv
+    head's outputs flattened per sample: sklearn's metrics take at most 2-D targets)."""
+    return Y[:, 0] if spec.y_ndim == 1 else Y
+
+
 def _accepts_sample_weight(scorer):
     """Whether a scorer takes sample_weight (the test GridSearchCV applies before passing it)."""
     if hasattr(scorer, "_accept_sample_weight"):
@@ -40,7 +48,7 @@ def _accepts_sample_weight(scorer):
     return "sample_weight" in signature(scorer).parameters
 
 
-class LayerVariationalAdapterCV(RegressorMixin, BaseAdapter):
+class LayerVariationalAdapterCV(AdapterRegressorMixin, BaseAdapter):
     r"""Layer variational adaptation with alpha chosen by cross-validation, at about one fit.
 
     The same update as :class:`LayerVariationalAdapter`,
@@ -169,6 +177,8 @@ class LayerVariationalAdapterCV(RegressorMixin, BaseAdapter):
             )
         return alphas
 
+    _supports_conv = True
+
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None, groups=None):
         """Choose alpha by cross-validation and fit the update on all data with it.
@@ -190,50 +200,19 @@ class LayerVariationalAdapterCV(RegressorMixin, BaseAdapter):
             Fitted estimator.
         """
         alphas = self._check_alphas()
+        conv = getattr(as_prior(self.head).geometry, "kind", None) == "conv"
+        if conv and self.cv is None:
+            raise ValueError(
+                "Leave-one-out (cv=None) is not available for a convolutional head, whose samples "
+                "are many patch rows each; pass cv=5 (or any splitter) for K-fold."
+            )
         p = self._start(X, y, sample_weight)
-        spec = p.spec
         if self.cv is None and p.n_samples < 2:
             raise ValueError(
                 "Leave-one-out (cv=None) cannot score a fit on 1 sample; pass at least 2 samples."
             )
-        Z = gather_features(p.batches)
-        prior_out = Z @ spec.W0.T + spec.b0
-        Q = p.Y - prior_out
-        y2d = p.Y if spec.y_ndim == 2 else p.Y[:, 0]
-        rtol = spec.rtol(p.n_samples)
-        t1 = time.perf_counter()
-
-        def as_y(pred):
-            return pred if spec.y_ndim == 2 else pred[:, 0]
-
-        if self.cv is None:
-            scorer = None if self.scoring is None else check_scoring(_FixedPredictions(), self.scoring)
-            weigh = scorer is not None and sample_weight is not None and _accepts_sample_weight(scorer)
-            kwargs = {"sample_weight": p.s} if weigh else {}
-            mean = np.empty(len(alphas))
-            for j, Q_loo in _solvers.loo_path(Z, Q, p.s, alphas, spec.fit_intercept, rtol):
-                Y_loo = Q_loo + prior_out
-                if scorer is None:
-                    err = ((p.Y - Y_loo) ** 2).mean(axis=1)
-                    mean[j] = -float(p.s @ err / p.s.sum())
-                else:
-                    mean[j] = scorer(_FixedPredictions(as_y(Y_loo)), p.X, y2d, **kwargs)
-            results = {}
-        else:
-            splitter = check_cv(self.cv)
-            folds = list(splitter.split(p.X, y2d, groups))
-            scorer = check_scoring(_FixedPredictions(), self.scoring)
-            weigh = sample_weight is not None and _accepts_sample_weight(scorer)
-            scores = np.empty((len(folds), len(alphas)))
-            path = _solvers.kfold_path(Z, Q, p.s, folds, alphas, spec.fit_intercept, rtol)
-            for fold, j, Q_pred in self._progress(path, len(folds) * len(alphas), "folds x alphas"):
-                test = folds[fold][1]
-                pred = as_y(Q_pred + prior_out[test])
-                kwargs = {"sample_weight": p.s[test]} if weigh else {}
-                scores[fold, j] = scorer(_FixedPredictions(pred), p.X[test], y2d[test], **kwargs)
-            mean = scores.mean(axis=0)
-            results = {f"split{i}_test_score": scores[i] for i in range(len(folds))}
-            results["std_test_score"] = scores.std(axis=0)
+        search = self._search_conv if conv else self._search
+        mean, results, refit = search(p, alphas, sample_weight, groups)
         best = int(np.argmax(mean))
         self.alpha_ = float(alphas[best])
         self.best_score_ = float(mean[best])
@@ -245,17 +224,107 @@ class LayerVariationalAdapterCV(RegressorMixin, BaseAdapter):
             **results,
         }
         t2 = time.perf_counter()
-
-        if p.n_samples >= spec.d:
-            solver, moments = "primal", _solvers.batch_moments(Z, Q, p.s)
-            dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha_, spec.fit_intercept, rtol)
-        else:
-            solver = "dual"
-            dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, p.s, self.alpha_, spec.fit_intercept, rtol)
+        dWt, db, residue_sq, residual_sq, solver = refit(self.alpha_)
         self._log(
-            f"{p.n_samples} samples, {spec.d} features, {len(alphas)} alphas: features "
-            f"{t1 - p.t0:.3f}s, search {t2 - t1:.3f}s, {solver} refit {time.perf_counter() - t2:.3f}s"
+            f"{p.n_samples} samples, {p.spec.d} features, {len(alphas)} alphas: search until "
+            f"{t2 - p.t0:.3f}s, {solver} refit {time.perf_counter() - t2:.3f}s"
         )
-        self._store(spec, p.X, p.net, dWt, db, float(p.s @ (Q * Q).sum(1)), residual_sq, p.digest)
+        self._store(p.spec, p.X, p.net, dWt, db, residue_sq, residual_sq, p.digest)
         self.solver_ = solver
         return self
+
+    def _folds(self, p, groups):
+        return list(check_cv(self.cv).split(p.X, _targets(p.Y, p.spec), groups))
+
+    def _fold_scores(self, folds, alphas, predictions, p, sample_weight):
+        """Score ``predictions`` (yielding ``(fold, j, Y_pred)``) like GridSearchCV would."""
+        scorer = check_scoring(_FixedPredictions(), self.scoring)
+        weigh = sample_weight is not None and _accepts_sample_weight(scorer)
+        scores = np.empty((len(folds), len(alphas)))
+        y = _targets(p.Y, p.spec)
+        for fold, j, pred in self._progress(predictions, len(folds) * len(alphas), "folds x alphas"):
+            test = folds[fold][1]
+            kwargs = {"sample_weight": p.s[test]} if weigh else {}
+            pred = _targets(pred, p.spec)
+            scores[fold, j] = scorer(_FixedPredictions(pred), p.X[test], y[test], **kwargs)
+        results = {f"split{i}_test_score": scores[i] for i in range(len(folds))}
+        results["std_test_score"] = scores.std(axis=0)
+        return scores.mean(axis=0), results
+
+    def _search(self, p, alphas, sample_weight, groups):
+        """A linear head: all features in memory, leave-one-out or K-fold paths."""
+        spec = p.spec
+        Z = gather_features(p.batches)
+        prior_out = Z @ spec.W0.T + spec.b0
+        Q = p.Y - prior_out
+        rtol = spec.rtol(p.n_samples)
+        if self.cv is None:
+            scorer = None if self.scoring is None else check_scoring(_FixedPredictions(), self.scoring)
+            weigh = scorer is not None and sample_weight is not None and _accepts_sample_weight(scorer)
+            kwargs = {"sample_weight": p.s} if weigh else {}
+            y2d = _targets(p.Y, spec)
+            mean = np.empty(len(alphas))
+            for j, Q_loo in _solvers.loo_path(Z, Q, p.s, alphas, spec.fit_intercept, rtol):
+                Y_loo = Q_loo + prior_out
+                if scorer is None:
+                    err = ((p.Y - Y_loo) ** 2).mean(axis=1)
+                    mean[j] = -float(p.s @ err / p.s.sum())
+                else:
+                    mean[j] = scorer(_FixedPredictions(_targets(Y_loo, spec)), p.X, y2d, **kwargs)
+            results = {}
+        else:
+            folds = self._folds(p, groups)
+            path = _solvers.kfold_path(Z, Q, p.s, folds, alphas, spec.fit_intercept, rtol)
+            predictions = ((f, j, Q_pred + prior_out[folds[f][1]]) for f, j, Q_pred in path)
+            mean, results = self._fold_scores(folds, alphas, predictions, p, sample_weight)
+
+        def refit(alpha):
+            if p.n_samples >= spec.d:
+                moments = _solvers.batch_moments(Z, Q, p.s)
+                dWt, db, residual_sq = _solvers.ridge_primal(moments, alpha, spec.fit_intercept, rtol)
+                solver = "primal"
+            else:
+                dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, p.s, alpha, spec.fit_intercept, rtol)
+                solver = "dual"
+            return dWt, db, float(p.s @ (Q * Q).sum(1)), residual_sq, solver
+
+        return mean, results, refit
+
+    def _search_conv(self, p, alphas, sample_weight, groups):
+        """A convolutional head: K-fold from per-atom patch moments (one pass, never all
+        patches in memory); each fold's held-out features are read again (through the cache)
+        to predict its outputs."""
+        spec = p.spec
+        folds = self._folds(p, groups)
+        roles, labels = _solvers.fold_atoms(folds, p.n_samples)
+        atoms = accumulate_moments(
+            p.batches, p.Y, p.s, spec.W0, spec.b0, spec.geometry, spec.feature_shape, labels=labels
+        )
+        per = spec.rows_per_sample
+
+        def merged(members):
+            return functools.reduce(
+                _solvers.merge_moments, [atoms[a] for a in members], atoms[0]._replace(weight=0.0)
+            )
+
+        def predictions():
+            for f, (train, test) in enumerate(folds):
+                m = merged(np.flatnonzero(roles[:, f] == 1))
+                path = _solvers.moments_path(m, alphas, spec.fit_intercept, spec.rtol(len(train) * per))
+                heads = [(spec.W0 + dWt.T, spec.b0 + db) for dWt, db in path]
+                Xte = p.X[test]
+                cached = cached_extractor(p.net, Xte, self.cache, p.digest)
+                batches = self._features(p.net, Xte, cached=cached)
+                outs = head_outputs(batches, len(test), heads, spec.geometry, spec.feature_shape)
+                for j, out in enumerate(outs):
+                    yield f, j, out
+
+        mean, results = self._fold_scores(folds, alphas, predictions(), p, sample_weight)
+
+        def refit(alpha):
+            total = merged(range(len(atoms)))
+            rtol = spec.rtol(p.n_samples * per)
+            dWt, db, residual_sq = _solvers.ridge_primal(total, alpha, spec.fit_intercept, rtol)
+            return dWt, db, _solvers.uncentred(total)[2], residual_sq, "primal"
+
+        return mean, results, refit

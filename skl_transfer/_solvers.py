@@ -253,34 +253,62 @@ def _centre(Z, Q, s, fit_intercept):
     return Z - mean_z, Q - mean_q, mean_z, mean_q
 
 
+def moments_path(m, alphas, fit_intercept, rtol=None):
+    """Ridge updates ``(dWt, db)`` from one set of moments for every alpha.
+
+    One eigendecomposition of ``G``, then ``O(d^2 k)`` per alpha; equal to
+    :func:`ridge_primal` at each alpha.
+    """
+    G, B = (m.G, m.B) if fit_intercept else uncentred(m)[:2]
+    sp = spectral(G, rtol)
+    VtB = sp.V.T @ B
+    for alpha in alphas:
+        dWt = sp.V @ (sp.weights(alpha)[:, None] * VtB)
+        yield dWt, (m.mean_q - m.mean_z @ dWt if fit_intercept else np.zeros(B.shape[1]))
+
+
+def is_complement(train, test, n):
+    """Whether ``train`` and ``test`` split ``range(n)`` exactly (K-fold does; ShuffleSplit
+    with a ``train_size`` need not)."""
+    return len(train) + len(test) == n and np.union1d(train, test).size == n
+
+
+def fold_atoms(folds, n):
+    """Group the samples by their role in every fold (unused / train / test).
+
+    Returns ``(roles, labels)``: ``roles[a, f]`` is 0, 1 or 2 for the samples of atom ``a`` in
+    fold ``f``, and ``labels[i]`` is sample i's atom. A fold's training moments are the merge
+    of its training atoms' moments, so one pass over the data serves every fold of any
+    splitter (K folds make K atoms).
+    """
+    roles = np.zeros((n, len(folds)), dtype=np.int8)
+    for f, (train, test) in enumerate(folds):
+        roles[train, f] = 1
+        roles[test, f] = 2
+    patterns, labels = np.unique(roles, axis=0, return_inverse=True)
+    return patterns, labels.reshape(-1)
+
+
 def kfold_path(Z, Q, s, folds, alphas, fit_intercept, rtol=None):
     """Held-out predictions of the residue for every fold and every alpha.
 
     Yields ``(fold, j, Q_pred)``: ``Q_pred`` (n_test, k) predicts ``Q[test]`` with the update
     fitted on ``train`` with ``alphas[j]``. Per fold: when ``n_train >= d``, the training
-    moments are the whole-data moments minus the held-out ones (no pass over the training
-    rows), one eigendecomposition of ``G``, then ``O(d^2 k + n_test d k)`` per alpha; otherwise
-    the dual: one eigendecomposition of the ``n_train x n_train`` kernel.
+    moments (for K-fold: the whole-data moments minus the held-out ones, no pass over the
+    training rows), one eigendecomposition of ``G``, then ``O(d^2 k + n_test d k)`` per alpha;
+    otherwise the dual: one eigendecomposition of the ``n_train x n_train`` kernel.
     """
     total = batch_moments(Z, Q, s)
-    d = Z.shape[1]
+    n, d = Z.shape
     for fold, (train, test) in enumerate(folds):
         Zte = Z[test]
         if len(train) >= d:
-            m = subtract_moments(total, batch_moments(Zte, Q[test], s[test]))
-            if fit_intercept:
-                G, B = m.G, m.B
+            if is_complement(train, test, n):
+                m = subtract_moments(total, batch_moments(Zte, Q[test], s[test]))
             else:
-                G, B = uncentred(m)[:2]
-            sp = spectral(G, rtol)
-            VtB = sp.V.T @ B
-            if fit_intercept:
-                ZteV = (Zte - m.mean_z) @ sp.V
-                offset = m.mean_q
-            else:
-                ZteV, offset = Zte @ sp.V, 0.0
-            for j, alpha in enumerate(alphas):
-                yield fold, j, ZteV @ (sp.weights(alpha)[:, None] * VtB) + offset
+                m = batch_moments(Z[train], Q[train], s[train])
+            for j, (dWt, db) in enumerate(moments_path(m, alphas, fit_intercept, rtol)):
+                yield fold, j, Zte @ dWt + db
         else:
             Ztr, Qtr, str_ = Z[train], Q[train], s[train]
             Zc, Qc, mean_z, mean_q = _centre(Ztr, Qtr, str_, fit_intercept)

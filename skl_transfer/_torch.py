@@ -190,26 +190,43 @@ def _as_device_arrays(device, *arrays):
     return [torch.as_tensor(a, dtype=torch.float64, device=device) for a in arrays]
 
 
-def accumulate_moments(batches, Y, s, W0, b0, geometry=None, feature_shape=()):
+def accumulate_moments(batches, Y, s, W0, b0, geometry=None, feature_shape=(), labels=None):
     """Moments of the design rows and residue rows ``Q = targets - rows W0^T - b0``, merged
     batch by batch, returned as numpy.
 
     ``geometry`` turns a batch of features into design rows (a linear head: the features;
     a conv head: their patches) and a batch of targets into target rows; None is linear.
-    Memory is O(d^2 + batch): the full design matrix is never formed.
+    Memory is O(d^2 + batch): the full design matrix is never formed. With ``labels``
+    (one non-negative int per sample), returns one set of moments per label
+    ``0 .. labels.max()`` instead (zero moments for a label without samples), still in one pass.
     """
-    moments = None
+    n_groups = 1 if labels is None else int(labels.max()) + 1
+    groups = [None] * n_groups
     device = None
     with torch.inference_mode():
         for sl, Z, *_ in batches:
             if device is None:
                 device = Z.device
                 Yt, st, W0t, b0t = _as_device_arrays(device, Y, s, W0, b0)
-            for rows, targets, w in _design_chunks(Z, Yt[sl], st[sl], geometry, feature_shape):
-                Q = targets - rows @ W0t.T - b0t
-                m = _solvers.batch_moments(rows, Q, w)
-                moments = m if moments is None else _solvers.merge_moments(moments, m)
-    return _solvers.Moments(moments.weight, *(to_numpy(v) for v in moments[1:5]), moments.qq)
+            Yb, sb = Yt[sl], st[sl]
+            present = [0] if labels is None else np.unique(labels[sl])
+            for g in present:
+                if labels is None:
+                    Zg, Yg, sg = Z, Yb, sb
+                else:
+                    idx = torch.as_tensor(np.flatnonzero(labels[sl] == g), device=device)
+                    Zg, Yg, sg = Z[idx], Yb[idx], sb[idx]
+                for rows, targets, w in _design_chunks(Zg, Yg, sg, geometry, feature_shape):
+                    m = _solvers.batch_moments(rows, targets - rows @ W0t.T - b0t, w)
+                    groups[g] = m if groups[g] is None else _solvers.merge_moments(groups[g], m)
+    k, d = W0.shape
+    out = [
+        _solvers.Moments(0.0, np.zeros(d), np.zeros(k), np.zeros((d, d)), np.zeros((d, k)), 0.0)
+        if m is None
+        else _solvers.Moments(m.weight, *(to_numpy(v) for v in m[1:5]), m.qq)
+        for m in groups
+    ]
+    return out[0] if labels is None else out
 
 
 ROW_BUDGET = 4096  # design rows (patches) formed at once for a conv head (~4 copies live)
@@ -248,24 +265,29 @@ def gather_features(batches):
         return torch.cat([b[1] for b in batches]).cpu().numpy()
 
 
-def head_outputs(batches, n_samples, coef, intercept, geometry=None, feature_shape=()):
-    """The adapted head's outputs for every batch, as float64 numpy (n_samples, outputs)."""
-    out = None
-    coef_t = None
+def head_outputs(batches, n_samples, heads, geometry=None, feature_shape=()):
+    """Outputs of several heads on the same features, as float64 numpy (n_samples, outputs).
+
+    ``heads`` is a list of ``(coef, intercept)`` pairs; the features are computed once for all.
+    """
+    outs = None
     with torch.inference_mode():
         for sl, Z, *_ in batches:
-            if coef_t is None:
-                coef_t, b_t = _as_device_arrays(Z.device, coef, intercept)
-            if geometry is None or geometry.kind == "linear":
-                if Z.shape[1] != coef.shape[1]:
-                    raise ValueError(
-                        f"The extractor produced {Z.shape[1]} features, but the head was fitted on "
-                        f"{coef.shape[1]}."
-                    )
-                Yb = Z @ coef_t.T + b_t
-            else:
-                Yb = geometry.outputs(Z, feature_shape, coef_t, b_t)
-            if out is None:
-                out = np.empty((n_samples, Yb.shape[1]))
-            out[sl] = Yb.cpu().numpy()
-    return out
+            if outs is None:
+                params = [_as_device_arrays(Z.device, coef, b) for coef, b in heads]
+            for j, (coef_t, b_t) in enumerate(params):
+                if geometry is None or geometry.kind == "linear":
+                    if Z.shape[1] != coef_t.shape[1]:
+                        raise ValueError(
+                            f"The extractor produced {Z.shape[1]} features, but the head was fitted "
+                            f"on {coef_t.shape[1]}."
+                        )
+                    Yb = Z @ coef_t.T + b_t
+                else:
+                    Yb = geometry.outputs(Z, feature_shape, coef_t, b_t)
+                if outs is None:
+                    outs = [None] * len(heads)
+                if outs[j] is None:
+                    outs[j] = np.empty((n_samples, Yb.shape[1]))
+                outs[j][sl] = Yb.cpu().numpy()
+    return outs

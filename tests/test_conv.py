@@ -8,12 +8,15 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import CountingModule
 from numpy.testing import assert_allclose
 from sklearn.linear_model import Ridge
+from sklearn.metrics import r2_score
+from sklearn.model_selection import GridSearchCV, KFold, ShuffleSplit
 from torch import nn
 from torch.nn import functional as F
 
-from skl_transfer import LayerVariationalAdapter
+from skl_transfer import GradientDescentAdapter, LayerVariationalAdapter, LayerVariationalAdapterCV
 
 
 def _body2d(c_out=4, seed=0):
@@ -161,3 +164,91 @@ def test_patches_are_never_all_materialised():
         subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     )
     assert grown_mb < 250, grown_mb
+
+
+# -- conv heads in LayerVariationalAdapterCV and GradientDescentAdapter -------------------------
+
+
+def _conv_problem(n=30, seed=0):
+    rng = np.random.default_rng(seed)
+    body = _body2d()
+    torch.manual_seed(seed + 1)
+    head = nn.Conv2d(4, 2, 3, dtype=torch.float64)
+    X = rng.normal(size=(n, 1, 8, 8))
+    y = rng.normal(size=(n, 2, 6, 6))
+    return body, head, X, y, rng.uniform(0.2, 2.0, size=n)
+
+
+def _brute_force_mse(body, head, X, y, sw, folds, alpha):
+    """Mean over folds of the weighted, flattened held-out MSE of Ridge on patches."""
+    Fz = _features(body, X)
+    scores = []
+    for train, test in folds:
+        coef, b = _oracle(head, Fz[train], y[train], alpha, True, sw[train])
+        weight = torch.as_tensor(coef).reshape(head.weight.shape)
+        pred = F.conv2d(Fz[test], weight, torch.as_tensor(b)).numpy().reshape(len(test), -1)
+        err = ((pred - y[test].reshape(len(test), -1)) ** 2).mean(axis=1)
+        scores.append(-float(sw[test] @ err / sw[test].sum()))
+    return np.mean(scores)
+
+
+@pytest.mark.parametrize(
+    "cv",
+    [
+        KFold(4, shuffle=True, random_state=0),
+        ShuffleSplit(3, test_size=0.2, train_size=0.5, random_state=0),  # train is not the complement
+    ],
+)
+def test_cv_with_conv_head_equals_brute_force_kfold(cv):
+    body, head, X, y, sw = _conv_problem()
+    alphas = [0.01, 1.0, 100.0]
+    est = LayerVariationalAdapterCV(body, head, alphas=alphas, cv=cv, scoring="neg_mean_squared_error")
+    est.fit(X, y, sample_weight=sw)
+    folds = list(cv.split(X))
+    expected = [_brute_force_mse(body, head, X, y, sw, folds, a) for a in alphas]
+    assert_allclose(est.cv_results_["mean_test_score"], expected, rtol=1e-8)
+    best = alphas[int(np.argmax(expected))]
+    assert est.alpha_ == best
+    coef, b = _oracle(head, _features(body, X), y, best, True, sw)
+    assert_allclose(est.coef_, coef, rtol=1e-7, atol=1e-9)
+    assert_allclose(est.intercept_, b, rtol=1e-7, atol=1e-9)
+    assert est.predict(X).shape == y.shape
+
+
+def test_cv_with_conv_head_equals_grid_search_default_scoring():
+    body, head, X, y, sw = _conv_problem(seed=3)
+    alphas = [0.1, 10.0, 1000.0]
+    cv = KFold(3, shuffle=True, random_state=1)
+    est = LayerVariationalAdapterCV(body, head, alphas=alphas, cv=cv).fit(X, y)
+    grid = GridSearchCV(LayerVariationalAdapter(body, head), {"alpha": alphas}, cv=cv).fit(X, y)
+    assert_allclose(est.cv_results_["mean_test_score"], grid.cv_results_["mean_test_score"], rtol=1e-8)
+    assert_allclose(est.coef_, grid.best_estimator_.coef_, rtol=1e-8, atol=1e-12)
+
+
+def test_score_of_a_conv_head_is_r2_of_flattened_outputs():
+    body, head, X, y, _ = _conv_problem()
+    est = LayerVariationalAdapter(body, head, alpha=1.0).fit(X, y)
+    pred = est.predict(X).reshape(len(X), -1)
+    assert est.score(X, y) == pytest.approx(r2_score(y.reshape(len(X), -1), pred), rel=1e-12)
+
+
+def test_leave_one_out_with_a_conv_head_is_refused_before_any_forward_pass():
+    body, head, X, y, _ = _conv_problem()
+    counting = CountingModule(body)
+    with pytest.raises(ValueError, match="cv=5"):
+        LayerVariationalAdapterCV(counting, head, alphas=[1.0], cv=None).fit(X, y)
+    assert counting.rows_seen == 0
+
+
+def test_gradient_descent_conv_head_converges_to_the_closed_form():
+    body, head, X, y, sw = _conv_problem(n=20)
+    alpha = 0.5
+    gd = GradientDescentAdapter(
+        body, head, lr=1e-2, epochs=1500, weight_decay=alpha / sw.sum(), random_state=0
+    ).fit(X, y, sample_weight=sw)
+    coef, b = _oracle(head, _features(body, X), y, alpha, True, sw)
+    assert_allclose(gd.coef_, coef, atol=1e-4)
+    assert_allclose(gd.intercept_, b, atol=1e-4)
+    assert gd.predict(X).shape == y.shape
+    assert isinstance(gd.to_module().head, nn.Conv2d)
+    assert gd.residual_norm_ < gd.residue_norm_

@@ -5,7 +5,7 @@ import pytest
 import torch
 from conftest import CountingModule, make_body, make_head
 from numpy.testing import assert_allclose
-from sklearn.model_selection import GridSearchCV, KFold, LeaveOneOut
+from sklearn.model_selection import GridSearchCV, KFold, LeaveOneOut, ShuffleSplit
 
 from skl_transfer import LayerVariationalAdapter, LayerVariationalAdapterCV
 
@@ -159,3 +159,18 @@ def test_scorers_get_inputs_and_weights_like_grid_search():
     loo.fit(X, y, sample_weight=sw)
     default = LayerVariationalAdapterCV(body, head, alphas=[0.1, 1.0]).fit(X, y, sample_weight=sw)
     assert_allclose(loo.cv_results_["mean_test_score"], default.cv_results_["mean_test_score"], rtol=1e-10)
+
+
+def test_splitter_whose_train_is_not_the_complement_of_test_equals_grid_search():
+    # ShuffleSplit with a train_size leaves samples out of both sides: training moments
+    # cannot be the total minus the held-out part.
+    rng = np.random.default_rng(5)
+    Z = rng.normal(size=(60, 5))
+    y = Z @ rng.normal(size=5) + rng.normal(size=60)
+    cv = ShuffleSplit(n_splits=3, test_size=0.2, train_size=0.5, random_state=0)
+    alphas = [0.1, 1.0, 10.0]
+    est = LayerVariationalAdapterCV(alphas=alphas, cv=cv, scoring="neg_mean_squared_error").fit(Z, y)
+    grid = GridSearchCV(
+        LayerVariationalAdapter(), {"alpha": alphas}, cv=cv, scoring="neg_mean_squared_error"
+    ).fit(Z, y)
+    assert_allclose(est.cv_results_["mean_test_score"], grid.cv_results_["mean_test_score"], rtol=1e-10)
