@@ -89,14 +89,23 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
 
     * ``loss="squared"`` (the paper's framework): the layer update of
       :class:`LayerVariationalAdapter` toward *target logits* ``T``,
-      :math:`\min \sum_i s_i \|z_i \Delta W^T + \Delta b - (T_i - l^0_i)\|^2 + \alpha \|\Delta W\|^2`.
-      ``T`` starts from the pretrained logits ``l^0`` and only corrects what is wrong: where the
-      true class does not lead every other logit by ``margin``, the true logit is raised and
-      the others lowered by half the shortfall each. Samples the pretrained head already
-      classifies with margin have zero residue, and the logits keep the pretrained scale,
-      so predict_proba stays calibrated like the pretrained network's (a one-hot target
-      would pull every logit to 0/1 and flatten the probabilities). With ``head=None`` the
-      targets are ``±margin/2`` one-hot codes (a linear probe).
+      :math:`\min \sum_i s_i \|z_i \Delta W^T + \Delta b - (T_i - l^0_i)\|^2 + \alpha \|\Delta W\|^2`,
+      with ``T`` on the pretrained head's logit scale (a 0/1 one-hot target would pull every
+      logit toward 0 and 1, far below the scale the head was trained to, and flatten
+      predict_proba). ``encoding="onehot"`` (default):
+      ``T_i = mean_j(l^0_ij) + margin (e_{y_i} - 1/k)``, a one-hot code scaled to the logit
+      range and centred on each sample's mean pretrained logit (softmax ignores that shift,
+      so no residue is spent on it); ``margin="auto"`` is the pretrained logits' own gap,
+      ``k/(k-1)`` times the weighted mean over samples of ``max_j l^0_ij - mean_j l^0_ij``
+      (at least ``log(9 (k - 1))``). ``encoding="margin"``: ``T`` is the pretrained logits,
+      corrected only where the true class does not lead every other logit by ``margin``
+      (the true logit raised and the others lowered by half the shortfall each), so samples
+      the pretrained head already classifies with margin carry no residue;
+      ``margin="auto"`` is ``log(9 (k - 1))``. On sklearn's digits (benchmarks/digits_shift.py)
+      "margin" keeps more of a mildly shifted head with 10 samples, and "onehot" is far better
+      from 50 samples on and under strong shifts (inverted, rotated digits), where the
+      pretrained logits are confidently wrong and "margin" keeps their wrong ranking. With
+      ``head=None`` both are ``margin (e_{y_i} - 1/k)`` up to a shift (a linear probe).
     * ``loss="log"``: multinomial log loss
       :math:`\sum_i s_i\,\mathrm{CE}(\mathrm{softmax}(l_i), y_i) + \alpha \|W - W_0\|_F^2`,
       by Newton steps from the pretrained head, each a closed-form solve of the
@@ -112,9 +121,13 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         Penalty on ``||W - W0||_F^2``.
     loss : {"squared", "log"}, default="squared"
         As above.
+    encoding : {"onehot", "margin"}, default="onehot"
+        Target logits of the squared loss, as above.
     margin : float or "auto", default="auto"
-        Logit margin of the squared loss's targets; "auto" is ``log(9 (k - 1))``, the margin
-        at which softmax gives the true class probability 0.9 against ``k - 1`` rivals.
+        Logit margin of the squared loss's targets. "auto": the pretrained head's logit gap
+        with ``encoding="onehot"``, at least (and with "margin" or no head, exactly)
+        ``log(9 (k - 1))``, the margin at which softmax gives the true class probability 0.9
+        against ``k - 1`` equal rivals.
     max_iter : int, default=20
         Newton steps of the log loss.
     tol : float, default=1e-8
@@ -139,6 +152,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         **BaseAdapter._parameter_constraints,
         "alpha": [Interval(Real, 0, None, closed="left")],
         "loss": [StrOptions({"squared", "log"})],
+        "encoding": [StrOptions({"onehot", "margin"})],
         "margin": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
@@ -151,6 +165,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         *,
         alpha=1.0,
         loss="squared",
+        encoding="onehot",
         margin="auto",
         max_iter=20,
         tol=1e-8,
@@ -164,6 +179,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         self.head = head
         self.alpha = alpha
         self.loss = loss
+        self.encoding = encoding
         self.margin = margin
         self.max_iter = max_iter
         self.tol = tol
@@ -195,8 +211,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         spec = p.spec
         Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
         L0 = Z @ spec.W0.T + spec.b0
-        margin = np.log(9.0 * max(k - 1, 1)) if self.margin == "auto" else float(self.margin)
-        T = self._targets(L0, yidx, margin, pretrained=spec.prior.W0 is not None)
+        T = self._targets(L0, yidx, s, pretrained=spec.prior.W0 is not None)
         Q = T - L0
         rtol = spec.rtol(n)
         t0 = time.perf_counter()
@@ -228,15 +243,23 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         self.classes_ = classes
         return self
 
-    @staticmethod
-    def _targets(L0, yidx, margin, pretrained):
-        """Target logits: the pretrained ones, corrected where the true class lacks ``margin``."""
+    def _targets(self, L0, yidx, s, pretrained):
+        """Target logits of the squared loss (see the class docstring)."""
         n, k = L0.shape
+        floor = np.log(9.0 * max(k - 1, 1))
+        onehot = np.eye(k)[yidx]
+        if self.encoding == "onehot":
+            margin = self.margin
+            if margin == "auto":
+                gap = (L0.max(axis=1) - L0.mean(axis=1)) * k / max(k - 1, 1)
+                margin = max(floor, float(s @ gap / s.sum())) if pretrained else floor
+            return L0.mean(axis=1, keepdims=True) + margin * (onehot - 1.0 / k)
+        margin = floor if self.margin == "auto" else float(self.margin)
         if not pretrained:
-            return margin * (np.eye(k)[yidx] - 0.5)
+            return margin * (onehot - 0.5)
         rows = np.arange(n)
         true = L0[rows, yidx]
-        rival = np.where(np.eye(k, dtype=bool)[yidx], -np.inf, L0).max(axis=1)
+        rival = np.where(onehot.astype(bool), -np.inf, L0).max(axis=1)
         short = np.maximum(0.0, margin - (true - rival))
         T = L0 - short[:, None] / 2
         T[rows, yidx] = true + short / 2

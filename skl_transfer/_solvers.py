@@ -374,6 +374,31 @@ def log_loss_objective(Z, yidx, s, W, b, W0, alpha):
 MAX_LOGIT_STEP = 5.0  # largest change of any logit in one Newton step
 
 
+def _newton_step(H, G, alpha, fit_intercept, d, rtol):
+    """``-pinv(H) G`` for the multinomial Hessian ``H`` (k e x k e) and gradient ``G`` (k, e).
+
+    With ``alpha > 0`` the only null direction of ``H`` is a common shift ``u`` of the k
+    intercepts (the softmax ignores it; unpenalised), and ``G`` is orthogonal to it (each
+    sample's ``p - y`` sums to 0). Then ``(H + mu u u^T)`` is positive definite with the same
+    solution on ``u``'s complement, and a Cholesky solve replaces the eigendecomposition
+    (about 10 times faster at k e = 1290). With ``alpha = 0`` (every shift of the k weight rows
+    is null) or when Cholesky fails, the eigendecomposition gives the pseudo-inverse.
+    """
+    k, e = G.shape
+    if alpha > 0:
+        A = H.copy()
+        if fit_intercept:
+            u = np.zeros((k, e))
+            u[:, d] = 1.0 / np.sqrt(k)
+            u = u.ravel()
+            A += (np.trace(H) / H.shape[0]) * np.outer(u, u)
+        try:
+            return -linalg.cho_solve(linalg.cho_factor(A, check_finite=False), G.ravel()).reshape(k, e)
+        except linalg.LinAlgError:
+            pass
+    return -solve_gram(H, G.reshape(-1, 1), 0.0, rtol).reshape(k, e)
+
+
 def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, tol=1e-8, rtol=None):
     """Penalised multinomial logistic regression by Newton's method, started at the prior.
 
@@ -417,7 +442,7 @@ def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, to
                 H[c, :, a, :] = block.T
         H = H.reshape(k * e, k * e)
         H[np.diag_indices_from(H)] += 2 * alpha * pen.ravel()
-        step = -solve_gram(H, G.reshape(-1, 1), 0.0, rtol).reshape(k, e)
+        step = _newton_step(H, G, alpha, fit_intercept, d, rtol)
         # Saturated probabilities make the Hessian nearly singular and the full step huge:
         # cap the step so that no logit moves by more than MAX_LOGIT_STEP, then backtrack
         # (Armijo) without ever accepting a worse point.

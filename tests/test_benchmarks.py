@@ -17,3 +17,19 @@ def test_demo_quick_runs_and_adaptation_helps(monkeypatch, capsys):
     # the paper's claim, in direction: the analytic update lowers the target error
     assert rows["LVA (alpha=0)"][0] < 0.7 * rows["pretrained"][0]
     assert rows["LVA (alpha=0)"][1] < 0.8 * rows["pretrained"][1]
+
+
+def test_digits_quick_adapts_a_classifier_to_inverted_digits(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("_common", None)
+    import digits_shift
+
+    summary = digits_shift.main(["--quick"])
+    assert "accuracy mean" in capsys.readouterr().out
+    accuracy = {method: acc for (n, method), (acc, _, _) in summary.items() if n == 200}
+    pretrained = accuracy["pretrained"]
+    assert pretrained < 0.3  # inverted digits defeat the clean-digit network
+    assert accuracy["LVA squared, onehot (alpha=1)"] > pretrained + 0.5
+    assert accuracy["LVA log (alpha=0.1)"] > pretrained + 0.5
+    gd = accuracy["GD (Adam lr 1e-2, 300 epochs)"]
+    assert accuracy["LVA squared, onehot (alpha=1)"] >= gd - 0.02  # the paper's claim, in direction

@@ -69,7 +69,7 @@ def test_log_loss_with_pretrained_head_equals_direct_minimisation():
 def test_squared_loss_is_ridge_on_margin_corrected_logit_targets():
     body, head = make_body(), make_head(n_out=3)
     X, y = _data(200)
-    est = LayerVariationalClassifier(body, head, alpha=1.5, margin=2.0).fit(X, y)
+    est = LayerVariationalClassifier(body, head, alpha=1.5, encoding="margin", margin=2.0).fit(X, y)
     Z = reference_features(body, X)
     W0, b0 = head_arrays(head)
     L0 = Z @ W0.T + b0
@@ -124,9 +124,28 @@ def test_frozen_pickle_and_grid_search():
     assert_array_equal(again.predict_proba(X), search.predict_proba(X))
 
 
-def test_auto_margin_is_log_of_nine_times_rivals():
+def test_auto_margin_is_log_of_nine_times_rivals_for_the_margin_encoding():
     X, y = _data(60, k=4)
     body, head = make_body(), make_head(n_out=4)
-    auto = LayerVariationalClassifier(body, head).fit(X, y)
-    explicit = LayerVariationalClassifier(body, head, margin=np.log(9 * 3)).fit(X, y)
+    auto = LayerVariationalClassifier(body, head, encoding="margin").fit(X, y)
+    explicit = LayerVariationalClassifier(body, head, encoding="margin", margin=np.log(9 * 3)).fit(X, y)
     assert_allclose(auto.coef_, explicit.coef_, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])  # logits below and above the log(27) floor
+def test_onehot_encoding_is_ridge_on_scaled_one_hot_targets(scale):
+    body, head = make_body(), make_head(n_out=4)
+    with torch.no_grad():
+        head.weight.mul_(scale)
+    X, y = _data(150, k=4)
+    sw = np.random.default_rng(3).uniform(0.5, 2.0, size=150)
+    est = LayerVariationalClassifier(body, head, alpha=2.0).fit(X, y, sample_weight=sw)
+    Z = reference_features(body, X)
+    W0, b0 = head_arrays(head)
+    L0 = Z @ W0.T + b0
+    gaps = [(max(row) - sum(row) / 4) * 4 / 3 for row in L0]  # explicit, per sample
+    margin = max(np.log(27.0), np.average(gaps, weights=sw))
+    T = L0.mean(axis=1, keepdims=True) + margin * (np.eye(4)[y] - 0.25)
+    ridge = Ridge(alpha=2.0).fit(Z, T - L0, sample_weight=sw)
+    assert_allclose(est.coef_, W0 + ridge.coef_, rtol=1e-8, atol=1e-10)
+    assert_allclose(est.intercept_, b0 + ridge.intercept_, rtol=1e-8, atol=1e-10)
