@@ -1,6 +1,7 @@
 """Convolutional heads: oracle = unfold the features, sklearn Ridge on the residue of the patches."""
 
 import copy
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -9,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CountingModule
-from numpy.testing import assert_allclose
+from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.linear_model import Ridge
 from sklearn.metrics import r2_score
 from sklearn.model_selection import GridSearchCV, KFold, ShuffleSplit
@@ -223,6 +224,21 @@ def test_cv_with_conv_head_equals_grid_search_default_scoring():
     grid = GridSearchCV(LayerVariationalAdapter(body, head), {"alpha": alphas}, cv=cv).fit(X, y)
     assert_allclose(est.cv_results_["mean_test_score"], grid.cv_results_["mean_test_score"], rtol=1e-8)
     assert_allclose(est.coef_, grid.best_estimator_.coef_, rtol=1e-8, atol=1e-12)
+    again = pickle.loads(pickle.dumps(est))
+    assert_array_equal(again.predict(X), est.predict(X))
+
+
+def test_conv_cv_and_gd_leave_the_users_modules_and_arrays_alone():
+    body, head, X, y, sw = _conv_problem(n=12)
+    states = [copy.deepcopy(m.state_dict()) for m in (body, head)]
+    arrays = [a.copy() for a in (X, y, sw)]
+    LayerVariationalAdapterCV(body, head, alphas=[1.0, 10.0], cv=3).fit(X, y, sample_weight=sw)
+    GradientDescentAdapter(body, head, epochs=3).fit(X, y, sample_weight=sw)
+    for m, state in zip((body, head), states, strict=True):
+        assert all(torch.equal(state[k], v) for k, v in m.state_dict().items())
+        assert all(p.requires_grad for p in m.parameters())
+    for a, before in zip((X, y, sw), arrays, strict=True):
+        assert_array_equal(a, before)
 
 
 def test_score_of_a_conv_head_is_r2_of_flattened_outputs():
