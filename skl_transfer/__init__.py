@@ -8,6 +8,7 @@ from ._baselines import GradientDescentAdapter, GradientDescentClassifier
 from ._cache import cache_info, clear_cache, set_cache_limit
 from ._classifier import LayerVariationalClassifier
 from ._cv import LayerVariationalAdapterCV
+from ._transferability import logme, transferability
 
 __version__ = "0.1.0"
 
@@ -19,6 +20,8 @@ __all__ = [
     "LayerVariationalClassifier",
     "cache_info",
     "clear_cache",
+    "logme",
     "set_cache_limit",
+    "transferability",
     "__version__",
 ]

@@ -12,14 +12,22 @@ from numbers import Integral
 import joblib
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.base import BaseEstimator, RegressorMixin, is_regressor
 from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from . import _solvers
+from . import _diagnostics, _solvers
 from ._heads import AdaptedNetwork, LinearGeometry, Prior, as_prior
-from ._torch import cached_extractor, feature_batches, frozen_copy, head_outputs, resolve_device, to_numpy
+from ._torch import (
+    cached_extractor,
+    feature_batches,
+    frozen_copy,
+    gather_design,
+    head_outputs,
+    resolve_device,
+    to_numpy,
+)
 from ._validation import check_input, check_sample_weight, check_target
 
 
@@ -220,7 +228,15 @@ class BaseAdapter(BaseEstimator):
             feature_shape=feature_shape,
             y_shape=tuple(y.shape[1:]),
         )
-        return Problem(X, Y, s, spec, net, itertools.chain([first], batches), t0, cached)
+        batches = itertools.chain([first], batches)
+        # what diagnostics_ needs beyond the solver's moments: per-output target statistics and,
+        # when the solve will be dual (n_rows < d, no d x d moments kept), the feature batches
+        # (references only; the solver reads all of them anyway)
+        tapped = [] if n_samples * spec.rows_per_sample < d else None
+        if tapped is not None:
+            batches = _tap(batches, tapped)
+        self._diag_pending = _DiagPending(_diagnostics.TargetStats(Y, s, spec.rows_per_sample), Y, s, tapped)
+        return Problem(X, Y, s, spec, net, batches, t0, cached)
 
     def _features(self, net, X, desc="features", cached=None, use_cache=True):
         """The feature stream of X, with a tqdm progress bar over batches when verbose."""
@@ -261,6 +277,71 @@ class BaseAdapter(BaseEstimator):
         self._extractor_on_device = None
         self._spec = spec
         self._weights_digest = digest  # hash of the copy's weights, reused by predict's cache
+        self._prepare_diagnostics(spec, X, dWt, db)
+
+    # -- diagnostics ------------------------------------------------------------------
+
+    def _diagnosable(self):
+        """Whether the fitted head is a ridge update of the residue of y (LVA regressors; not the
+        classifiers, whose residue is on target logits, nor gradient descent)."""
+        params = self.get_params(deep=False)
+        return is_regressor(self) and ("alpha" in params or "alphas" in params)
+
+    def _prepare_diagnostics(self, spec, X, dWt, db):
+        """Keep what :attr:`diagnostics_` needs: computed now for a dual fit (from the tapped
+        features), lazily from the primal moments (``self._moments``, set after ``_store``)."""
+        pending = self.__dict__.pop("_diag_pending", None)
+        self._diagnostics = None
+        self._diag_state = None
+        # a fit that saw all its data in one call (fit, the first partial_fit); not a partial_fit
+        # continuation nor a dask fit, whose targets arrive in batches the moments alone summarise
+        if pending is None or pending.targets.n_total != X.shape[0] or not self._diagnosable():
+            return
+        alpha = float(self.alpha_ if hasattr(self, "alpha_") else self.alpha)
+        rtol = spec.rtol(X.shape[0] * spec.rows_per_sample)
+        if pending.tapped is not None and len(pending.tapped) > 0:
+            Z, T, w = gather_design(
+                iter(pending.tapped), pending.Y, pending.s, spec.geometry, spec.feature_shape
+            )
+            Q = T - Z @ spec.W0.T - spec.b0
+            self._diagnostics = _diagnostics.from_design(
+                Z, Q, w, dWt, db, pending.targets, alpha, spec.fit_intercept, rtol
+            )
+        else:
+            self._diag_state = (pending.targets, alpha, rtol)
+
+    @property
+    def diagnostics_(self):
+        """Transferal residue and data condition of the fit (:class:`Diagnostics`).
+
+        Computed on first access (one eigendecomposition of the d x d ``G``, or of the kernel
+        for fewer rows than features) and kept; ``print(est.diagnostics_)`` shows a summary.
+        Available after ``fit`` (and a first ``partial_fit``) of the LVA regressors.
+        """
+        check_is_fitted(self)
+        diag = self.__dict__.get("_diagnostics")
+        if diag is not None:
+            return diag
+        state, moments = self.__dict__.get("_diag_state"), self.__dict__.get("_moments")
+        if not self._diagnosable():
+            raise AttributeError(
+                f"{type(self).__name__} has no diagnostics_: they describe the closed-form ridge update of "
+                "a regressor (LayerVariationalAdapter, LayerVariationalAdapterCV)."
+            )
+        if state is None or moments is None:
+            raise AttributeError(
+                "diagnostics_ needs a fit that saw all its data in one call (fit, or the first "
+                "partial_fit); after further partial_fit batches or a fit on a dask array the per-output "
+                "statistics of y are not kept. Call fit on the data to get them."
+            )
+        targets, alpha, rtol = state
+        dWt = np.atleast_2d(self.delta_coef_).T
+        db = np.atleast_1d(self.delta_intercept_)
+        diag = _diagnostics.from_moments(
+            moments, dWt, db, self._spec.W0, targets, alpha, self.fit_intercept_, rtol
+        )
+        self._diagnostics = diag
+        return diag
 
     def _runtime_extractor(self):
         """The fitted extractor on the requested device (cached, never pickled)."""
@@ -334,6 +415,23 @@ class BaseAdapter(BaseEstimator):
         state = super().__getstate__()
         state.pop("_extractor_on_device", None)
         return state
+
+
+@dataclass
+class _DiagPending:
+    """Set by ``_start``, consumed by ``_store``: the targets and, for a dual solve, the features."""
+
+    targets: _diagnostics.TargetStats
+    Y: np.ndarray
+    s: np.ndarray
+    tapped: list | None
+
+
+def _tap(batches, into):
+    """Pass the feature batches through, keeping a reference to each in ``into``."""
+    for batch in batches:
+        into.append(batch)
+        yield batch
 
 
 class AdapterRegressorMixin(RegressorMixin):

@@ -283,6 +283,7 @@ class LayerVariationalAdapterCV(AdapterRegressorMixin, BaseAdapter):
                 moments = _solvers.batch_moments(Z, Q, p.s)
                 dWt, db, residual_sq = _solvers.ridge_primal(moments, alpha, spec.fit_intercept, rtol)
                 solver = "primal"
+                self._moments = moments  # for diagnostics_
             else:
                 dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, p.s, alpha, spec.fit_intercept, rtol)
                 solver = "dual"
@@ -325,6 +326,7 @@ class LayerVariationalAdapterCV(AdapterRegressorMixin, BaseAdapter):
             total = merged(range(len(atoms)))
             rtol = spec.rtol(p.n_samples * per)
             dWt, db, residual_sq = _solvers.ridge_primal(total, alpha, spec.fit_intercept, rtol)
+            self._moments = total  # for diagnostics_
             return dWt, db, _solvers.uncentred(total)[2], residual_sq, "primal"
 
         return mean, results, refit
