@@ -4,16 +4,36 @@ from __future__ import annotations
 
 import time
 from numbers import Real
+from typing import NamedTuple
 
 import numpy as np
+import torch
 from sklearn.base import _fit_context
-from sklearn.utils._param_validation import Interval
+from sklearn.utils import check_array
+from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _solvers
 from ._base import AdapterRegressorMixin, BaseAdapter
 from ._dask import dask_moments, is_dask_array
-from ._torch import accumulate_moments, gather_design, to_numpy
+from ._torch import PerturbResidue, accumulate_moments, gather_design, is_tensor, to_numpy
 from ._validation import check_sample_weight
+
+
+class _PerturbMoments(NamedTuple):
+    """The moments of a perturb fit and the squared norms of its residue's terms (one cache entry)."""
+
+    weight: float
+    mean_z: np.ndarray
+    mean_q: np.ndarray
+    G: np.ndarray
+    B: np.ndarray
+    qq: float
+    terms_sq: dict
+
+
+def _host_bytes(X):
+    """X as a numpy array to hash (a tensor copied to the host; bfloat16 as float32, exactly)."""
+    return np.asarray(to_numpy(X))
 
 
 class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
@@ -33,6 +53,22 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
     the intercept is fitted. With ``alpha=0`` the update is the minimum-norm least-squares
     solution, ``\Delta W^T = Z^+ Q`` for a bias-free head (the paper's formula).
 
+    ``method="perturb"`` is the paper's first-order variant for domain shifts given as pairs:
+    target samples ``x~_i = x_i + dx_i`` (X) with labels ``y~_i`` (y), each paired with a source
+    sample ``x_i`` (``X_source``, e.g. the same image less blurred) with label ``y_i``
+    (``y_source``). With ``f = h o F`` the pretrained network, the residue is
+
+    .. math::
+
+        Q = \Delta Y - J_f(X) \Delta X + (Y - f(X)),
+
+    where ``J_f(x) dx`` replaces ``f(x~) - f(x)`` by its first-order estimate; it is computed
+    by forward-mode autodiff (``torch.func.jvp`` of the frozen extractor at ``x`` along
+    ``dx``, batch by batch, never finite differences). The update is regressed, as in the
+    paper and its authors' code, on the target features ``Z = F(X~)``: the features the
+    adapted head sees on the target domain. For an affine extractor ``F(x~) = F(x) + J_F dx``
+    and the two methods give the same update.
+
     Parameters
     ----------
     extractor : torch.nn.Module or None, default=None
@@ -46,6 +82,12 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         the estimator is then ridge regression on the features.
     alpha : float, default=1.0
         Penalty on ``||coef_ - W_0||_F^2``, used as written (not squared). Must be >= 0.
+    method : {"exact", "perturb"}, default="exact"
+        How the transferal residue is computed. "exact": ``Q = Y - h(Z)`` from the target
+        data alone. "perturb": the first-order residue above, from target samples paired
+        row by row with source samples, passed to ``fit`` as ``X_source`` and ``y_source``
+        (with metadata routing enabled, request them with
+        ``set_fit_request(X_source=True, y_source=True)``).
     fit_intercept : bool or "auto", default="auto"
         Whether to update the bias. "auto" follows the head: True for a Linear with a
         bias, a pair with an intercept, or ``head=None``; False otherwise.
@@ -80,7 +122,14 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         Transferal residue on the training data before the update,
         ``sqrt(sum_i s_i ||y_i - h(z_i)||^2)`` (the Frobenius norm of Q for unit weights).
     residual_norm_ : float
-        The same norm after the update, with the adapted head.
+        The same norm after the update, with the adapted head. With ``method="perturb"``
+        both norms are those of the first-order residue ``Q`` and of ``Q`` minus the update.
+    residue_terms_ : dict
+        ``method="perturb"`` only: the weighted norms ``sqrt(sum_i s_i ||t_i||^2)`` of the
+        residue's terms, ``"label_shift"`` (``y~ - y``), ``"intrinsic"`` (``J_f(x) dx``),
+        ``"source_error"`` (``y - f(x)``), and ``"taylor_remainder"``
+        (``f(x~) - f(x) - J_f(x) dx``, the error of the first-order estimate: small next to
+        ``"intrinsic"`` when the shift is small enough for the first-order variant).
     solver_ : {"primal", "dual"}
         "primal" solves the d x d normal equations accumulated batch by batch
         (n_samples >= d); "dual" the n x n kernel system (n_samples < d).
@@ -115,6 +164,15 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
     so the model after the last batch equals ``fit`` on all the data; memory does not grow
     with the number of batches.
 
+    ``method="perturb"`` costs one forward pass of X (the target features, cached like
+    those of "exact") and one forward-mode pass of X_source (about two to three forward
+    passes; not cached, as it depends on the pair). The paper's code builds ``J_f`` by
+    forward finite differences, one network evaluation per input coordinate and sample.
+    The source arrays are split with X by ``GridSearchCV`` and ``cross_validate`` (they are
+    sample-aligned), but a Pipeline transforms X only: with preprocessing steps before the
+    adapter, put the preprocessing in the extractor instead, so that X and X_source see the
+    same map. ``method="perturb"`` does not take dask arrays (use ``partial_fit``).
+
     References
     ----------
     H.-H. Tseng, H.-Y. Lin, K.-H. Hung, Y. Tsao. "Interpretations of Domain Adaptations
@@ -136,6 +194,7 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
     _parameter_constraints: dict = {
         **BaseAdapter._parameter_constraints,
         "alpha": [Interval(Real, 0, None, closed="left")],
+        "method": [StrOptions({"exact", "perturb"})],
     }
 
     def __init__(
@@ -144,6 +203,7 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         head=None,
         *,
         alpha=1.0,
+        method="exact",
         fit_intercept="auto",
         batch_size=256,
         device="auto",
@@ -153,6 +213,7 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         self.extractor = extractor
         self.head = head
         self.alpha = alpha
+        self.method = method
         self.fit_intercept = fit_intercept
         self.batch_size = batch_size
         self.device = device
@@ -162,43 +223,50 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
     _supports_conv = True
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None):
+    def fit(self, X, y, sample_weight=None, X_source=None, y_source=None):
         """Fit the layer update on target-domain data.
 
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, *input_shape)
             Inputs of the extractor, or features (n_samples, d) when ``extractor=None``.
+            With ``method="perturb"``: the target samples ``x~_i``.
         y : array-like of shape (n_samples,) or (n_samples, k)
             Targets on the head's output scale.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights ``s_i`` of the squared errors.
+        X_source : array-like or torch.Tensor of the shape of X, default=None
+            ``method="perturb"`` only (required there): the source sample ``x_i`` paired
+            with each target sample, ``x~_i = x_i + dx_i``. Floating point.
+        y_source : array-like of the shape of y, default=None
+            ``method="perturb"`` only (required there): the labels ``y_i`` of the source
+            samples.
 
         Returns
         -------
         self : object
             Fitted estimator.
         """
+        perturb = self._uses_source(X_source, y_source)
         if is_dask_array(X):
+            if perturb:
+                raise ValueError(
+                    "method='perturb' does not take dask arrays; call partial_fit on numpy "
+                    "batches (with their X_source and y_source), or use method='exact'."
+                )
             return self._fit_dask(X, y, sample_weight)
         p = self._start(X, y, sample_weight)
         spec = p.spec
+        residue = None
+        if perturb:
+            X_source, Y_source = self._check_source(p.X, p.Y, spec, X_source, y_source)
+            residue = PerturbResidue(
+                p.net, p.X, X_source, p.Y, Y_source, p.s, spec.W0, spec.b0, spec.geometry, spec.feature_shape
+            )
         n_rows = p.n_samples * spec.rows_per_sample  # samples x output positions for a conv head
         if n_rows >= spec.d:
             solver = "primal"
-            # a search fits every candidate on the same folds: their moments are computed once
-            key = (
-                None
-                if p.cached is None
-                else p.cached.moments_key(p.Y, p.s, spec.W0, spec.b0, [self.batch_size])
-            )
-            moments = None if key is None else p.cached.get_moments(key)
-            if moments is None:
-                moments = accumulate_moments(
-                    p.batches, p.Y, p.s, spec.W0, spec.b0, spec.geometry, spec.feature_shape
-                )
-                if key is not None:
-                    p.cached.put_moments(key, moments)
+            moments = self._primal_moments(p, residue)
             t1 = time.perf_counter()
             dWt, db, residual_sq = _solvers.ridge_primal(
                 moments, self.alpha, spec.fit_intercept, spec.rtol(n_rows)
@@ -206,8 +274,8 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
             residue_sq = _solvers.uncentred(moments)[2]
         else:
             solver, moments = "dual", None
-            Z, T, w = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
-            Q = T - Z @ spec.W0.T - spec.b0
+            Z, T, w = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape, residue)
+            Q = T if perturb else T - Z @ spec.W0.T - spec.b0
             t1 = time.perf_counter()
             dWt, db, residual_sq = _solvers.ridge_dual(
                 Z, Q, w, self.alpha, spec.fit_intercept, spec.rtol(n_rows)
@@ -215,13 +283,108 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
             residue_sq = float(w @ (Q * Q).sum(1))
         self._log(
             f"{p.n_samples} samples, {spec.d} features, {solver} solve: "
-            f"features {t1 - p.t0:.3f}s, solve {time.perf_counter() - t1:.3f}s"
+            f"features{' and jvp' if perturb else ''} {t1 - p.t0:.3f}s, "
+            f"solve {time.perf_counter() - t1:.3f}s"
         )
         self._store(spec, p.X, p.net, dWt, db, residue_sq, residual_sq, p.digest)
         self.solver_ = solver
         self.n_samples_seen_ = p.n_samples
         self._moments = moments  # lets partial_fit continue a primal fit
+        self._moments_method = self.method
+        self._set_terms(None if residue is None else residue.terms_sq)
         return self
+
+    def _primal_moments(self, p, residue):
+        """Moments of (Z, Q) for the primal solve, through the cache of a search's fits."""
+        spec = p.spec
+        key = None
+        if p.cached is not None:
+            # a search fits every candidate on the same folds: their moments are computed once
+            extra = () if residue is None else (["perturb"], _host_bytes(residue.X_source), residue.Y_source)
+            key = p.cached.moments_key(p.Y, p.s, spec.W0, spec.b0, [self.batch_size], *extra)
+        entry = None if key is None else p.cached.get_moments(key)
+        if entry is None:
+            moments = accumulate_moments(
+                p.batches, p.Y, p.s, spec.W0, spec.b0, spec.geometry, spec.feature_shape, residue=residue
+            )
+            entry = moments if residue is None else _PerturbMoments(*moments, dict(residue.terms_sq))
+            if key is not None:
+                p.cached.put_moments(key, entry)
+        if residue is None:
+            return entry
+        residue.terms_sq.update(entry.terms_sq)
+        return _solvers.Moments(*entry[:6])
+
+    def _uses_source(self, X_source, y_source):
+        """Whether this fit is ``method="perturb"``; errors for source arrays that do not fit the method."""
+        given = [name for name, v in (("X_source", X_source), ("y_source", y_source)) if v is not None]
+        if self.method == "exact":
+            if given:
+                raise ValueError(
+                    f"{' and '.join(given)} {'is' if len(given) == 1 else 'are'} only used by "
+                    "method='perturb' (the first-order residue from paired source samples); "
+                    "method='exact' computes the residue from the target data alone. Set "
+                    "method='perturb', or do not pass the source arrays."
+                )
+            return False
+        missing = [name for name in ("X_source", "y_source") if name not in given]
+        if missing:
+            raise ValueError(
+                f"method='perturb' needs the source samples paired with the target ones, but "
+                f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing: call "
+                "fit(X, y, X_source=X_src, y_source=y_src), with X[i] = X_src[i] + dX[i] row by "
+                "row. Through a Pipeline or a search with metadata routing enabled, request them "
+                "with set_fit_request(X_source=True, y_source=True)."
+            )
+        return True
+
+    def _check_source(self, X, Y, spec, X_source, y_source):
+        """Validate the source arrays against the (validated) target ones.
+
+        Returns ``(X_source, Y_source)``: X_source like X (float64 2-D without an extractor,
+        tensors kept as they are), Y_source float64 of shape (n_samples, outputs).
+        """
+        if is_tensor(X_source) and self.extractor is not None:
+            if X_source.is_floating_point() and not bool(torch.isfinite(X_source).all()):
+                raise ValueError("X_source contains NaN or infinity; remove or impute those samples.")
+            Xs = X_source
+        else:
+            Xs = check_array(
+                to_numpy(X_source),
+                allow_nd=self.extractor is not None,
+                dtype=np.float64 if self.extractor is None else "numeric",
+                ensure_all_finite=True,
+                input_name="X_source",
+            )
+        if Xs.shape[0] != X.shape[0]:
+            raise ValueError(
+                f"X has {X.shape[0]} samples but X_source has {Xs.shape[0]}; method='perturb' needs "
+                "one source sample per target sample, paired row by row (X[i] = X_source[i] + dX[i])."
+            )
+        if tuple(Xs.shape[1:]) != tuple(X.shape[1:]):
+            raise ValueError(
+                f"X_source has per-sample shape {tuple(Xs.shape[1:])} but X has {tuple(X.shape[1:])}; "
+                "a source sample and its target sample must have the same shape (X[i] = X_source[i] + dX[i])."
+            )
+        y_shape = (X.shape[0], *spec.y_shape)
+        Ys = check_array(
+            to_numpy(y_source), ensure_2d=False, allow_nd=True, dtype=np.float64, input_name="y_source"
+        )
+        if Ys.shape != y_shape:
+            raise ValueError(
+                f"y_source has shape {Ys.shape} but y has {y_shape}; pass the source labels with the "
+                "shape of y, one row per sample, paired with the rows of y."
+            )
+        return Xs, Ys.reshape(Y.shape)
+
+    def _set_terms(self, terms_sq):
+        """Store ``residue_terms_`` from squared norms (None: an exact fit, which has none)."""
+        self._terms_sq = terms_sq
+        if terms_sq is None:
+            if hasattr(self, "residue_terms_"):
+                del self.residue_terms_
+            return
+        self.residue_terms_ = {name: float(np.sqrt(max(v, 0.0))) for name, v in terms_sq.items()}
 
     def _fit_dask(self, X, y, sample_weight):
         """Fit over a dask array: block moments on the workers, merged, one primal solve."""
@@ -257,10 +420,12 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         self.solver_ = "primal"
         self.n_samples_seen_ = n
         self._moments = moments
+        self._moments_method = "exact"
+        self._set_terms(None)
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def partial_fit(self, X, y, sample_weight=None):
+    def partial_fit(self, X, y, sample_weight=None, X_source=None, y_source=None):
         """Add a batch of target-domain data to the update (out-of-core fitting).
 
         The first call sets the estimator up as ``fit`` does; later calls (and calls after a
@@ -276,12 +441,17 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
             Its targets; the same number of columns in every call.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights of the batch's samples.
+        X_source : array-like or torch.Tensor of the shape of X, default=None
+            ``method="perturb"`` only (required there): the batch's source samples.
+        y_source : array-like of the shape of y, default=None
+            ``method="perturb"`` only (required there): their labels.
 
         Returns
         -------
         self : object
             The updated estimator.
         """
+        perturb = self._uses_source(X_source, y_source)
         moments = getattr(self, "_moments", None)
         if moments is None and getattr(self, "solver_", None) == "dual":
             raise ValueError(
@@ -294,11 +464,17 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
                 f"{type(self).__name__} requires y to be passed, but the target y is None; "
                 "pass the batch's targets."
             )
+        if moments is not None and getattr(self, "_moments_method", "exact") != self.method:
+            raise ValueError(
+                f"method changed to {self.method!r} between calls; the moments so far hold the "
+                f"residue of method={self._moments_method!r}. Call fit (or partial_fit on a clone) "
+                "to start again."
+            )
         # Streamed data is seen once: the feature cache would only fill memory.
         if moments is None:
             p = self._start(X, y, sample_weight, use_cache=False, allow_zero_weight=True)
             spec, X, Y, s, net, batches, n_seen = p.spec, p.X, p.Y, p.s, p.net, p.batches, 0
-            digest = p.digest
+            digest, runtime, terms_sq = p.digest, p.net, None
         else:
             spec, net, n_seen = self._spec, self.extractor_, self.n_samples_seen_
             digest = self._weights_digest
@@ -315,8 +491,17 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
                     f"set up for fit_intercept_={spec.fit_intercept}. Call fit to start again."
                 )
             s = check_sample_weight(sample_weight, X.shape[0], allow_all_zero=True)
-            batches = self._features(self._runtime_extractor(), X, use_cache=False)
-        m = accumulate_moments(batches, Y, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape)
+            runtime, terms_sq = self._runtime_extractor(), getattr(self, "_terms_sq", None)
+            batches = self._features(runtime, X, use_cache=False)
+        residue = None
+        if perturb:
+            X_source, Y_source = self._check_source(X, Y, spec, X_source, y_source)
+            residue = PerturbResidue(
+                runtime, X, X_source, Y, Y_source, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape
+            )
+        m = accumulate_moments(
+            batches, Y, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape, residue=residue
+        )
         moments = m if moments is None else _solvers.merge_moments(moments, m)
         n_seen += X.shape[0]
         if not moments.weight > 0:
@@ -331,4 +516,8 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         self.solver_ = "primal"
         self.n_samples_seen_ = n_seen
         self._moments = moments
+        self._moments_method = self.method
+        if residue is not None and terms_sq is not None:
+            terms_sq = {name: terms_sq[name] + v for name, v in residue.terms_sq.items()}
+        self._set_terms(None if residue is None else terms_sq or residue.terms_sq)
         return self

@@ -299,23 +299,19 @@ class BaseAdapter(BaseEstimator):
             return
         alpha = float(self.alpha_ if hasattr(self, "alpha_") else self.alpha)
         rtol = spec.rtol(X.shape[0] * spec.rows_per_sample)
+        design = None
         if pending.tapped is not None and len(pending.tapped) > 0:
-            Z, T, w = gather_design(
-                iter(pending.tapped), pending.Y, pending.s, spec.geometry, spec.feature_shape
-            )
-            Q = T - Z @ spec.W0.T - spec.b0
-            self._diagnostics = _diagnostics.from_design(
-                Z, Q, w, dWt, db, pending.targets, alpha, spec.fit_intercept, rtol
-            )
-        else:
-            self._diag_state = (pending.targets, alpha, rtol)
+            # a dual fit keeps no d x d moments: keep its features (n_rows < d, so no more than
+            # the primal path's d x d) and decompose the kernel only if diagnostics_ is read
+            design = ([(b[0], b[1].cpu(), *b[2:]) for b in pending.tapped], pending.Y, pending.s)
+        self._diag_state = (pending.targets, alpha, rtol, design)
 
     @property
     def diagnostics_(self):
         """Transferal residue and data condition of the fit (:class:`Diagnostics`).
 
-        Computed on first access (one eigendecomposition of the d x d ``G``, or of the kernel
-        for fewer rows than features) and kept; ``print(est.diagnostics_)`` shows a summary.
+        Computed on first access, not during fit (one eigendecomposition of the d x d ``G``, or
+        of the kernel for fewer rows than features) and kept; ``print(est.diagnostics_)`` shows a summary.
         Available after ``fit`` (and a first ``partial_fit``) of the LVA regressors.
         """
         check_is_fitted(self)
@@ -328,18 +324,26 @@ class BaseAdapter(BaseEstimator):
                 f"{type(self).__name__} has no diagnostics_: they describe the closed-form ridge update of "
                 "a regressor (LayerVariationalAdapter, LayerVariationalAdapterCV)."
             )
-        if state is None or moments is None:
+        if state is None or (moments is None and state[3] is None):
             raise AttributeError(
                 "diagnostics_ needs a fit that saw all its data in one call (fit, or the first "
                 "partial_fit); after further partial_fit batches or a fit on a dask array the per-output "
                 "statistics of y are not kept. Call fit on the data to get them."
             )
-        targets, alpha, rtol = state
+        targets, alpha, rtol, design = state
         dWt = np.atleast_2d(self.delta_coef_).T
         db = np.atleast_1d(self.delta_intercept_)
-        diag = _diagnostics.from_moments(
-            moments, dWt, db, self._spec.W0, targets, alpha, self.fit_intercept_, rtol
-        )
+        spec = self._spec
+        if design is not None:
+            batches, Y, s = design
+            Z, T, w = gather_design(iter(batches), Y, s, spec.geometry, spec.feature_shape)
+            Q = T - Z @ spec.W0.T - spec.b0
+            diag = _diagnostics.from_design(Z, Q, w, dWt, db, targets, alpha, self.fit_intercept_, rtol)
+        else:
+            diag = _diagnostics.from_moments(
+                moments, dWt, db, spec.W0, targets, alpha, self.fit_intercept_, rtol
+            )
+        self._diag_state = None  # the features are no longer needed
         self._diagnostics = diag
         return diag
 

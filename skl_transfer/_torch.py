@@ -8,6 +8,7 @@ device policy, the private frozen copy of the extractor, batched inference under
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -190,7 +191,7 @@ def _as_device_arrays(device, *arrays):
     return [torch.as_tensor(a, dtype=torch.float64, device=device) for a in arrays]
 
 
-def accumulate_moments(batches, Y, s, W0, b0, geometry=None, feature_shape=(), labels=None):
+def accumulate_moments(batches, Y, s, W0, b0, geometry=None, feature_shape=(), labels=None, residue=None):
     """Moments of the design rows and residue rows ``Q = targets - rows W0^T - b0``, merged
     batch by batch, returned as numpy.
 
@@ -199,6 +200,8 @@ def accumulate_moments(batches, Y, s, W0, b0, geometry=None, feature_shape=(), l
     Memory is O(d^2 + batch): the full design matrix is never formed. With ``labels``
     (one non-negative int per sample), returns one set of moments per label
     ``0 .. labels.max()`` instead (zero moments for a label without samples), still in one pass.
+    ``residue`` (a :class:`PerturbResidue`, or None) gives each batch's residue ``Q`` per
+    sample, which then replaces ``targets - h(Z)``; ``Y`` is not read.
     """
     n_groups = 1 if labels is None else int(labels.max()) + 1
     groups = [None] * n_groups
@@ -208,7 +211,8 @@ def accumulate_moments(batches, Y, s, W0, b0, geometry=None, feature_shape=(), l
             if device is None:
                 device = Z.device
                 Yt, st, W0t, b0t = _as_device_arrays(device, Y, s, W0, b0)
-            Yb, sb = Yt[sl], st[sl]
+            Yb = Yt[sl] if residue is None else residue(sl, Z)
+            sb = st[sl]
             present = [0] if labels is None else np.unique(labels[sl])
             for g in present:
                 if labels is None:
@@ -217,7 +221,8 @@ def accumulate_moments(batches, Y, s, W0, b0, geometry=None, feature_shape=(), l
                     idx = torch.as_tensor(np.flatnonzero(labels[sl] == g), device=device)
                     Zg, Yg, sg = Z[idx], Yb[idx], sb[idx]
                 for rows, targets, w in _design_chunks(Zg, Yg, sg, geometry, feature_shape):
-                    m = _solvers.batch_moments(rows, targets - rows @ W0t.T - b0t, w)
+                    Q = targets if residue is not None else targets - rows @ W0t.T - b0t
+                    m = _solvers.batch_moments(rows, Q, w)
                     groups[g] = m if groups[g] is None else _solvers.merge_moments(groups[g], m)
     k, d = W0.shape
     out = [
@@ -246,12 +251,19 @@ def _design_chunks(Z, Y, w, geometry, feature_shape):
         yield rows, geometry.targets(Y[i : i + step], feature_shape), w[i : i + step].repeat_interleave(per)
 
 
-def gather_design(batches, Y, s, geometry, feature_shape):
-    """All design rows, target rows and row weights as float64 numpy (for the dual solve)."""
+def gather_design(batches, Y, s, geometry, feature_shape, residue=None):
+    """All design rows, target rows and row weights as float64 numpy (for the dual solve).
+
+    With ``residue`` (a :class:`PerturbResidue`), the second array holds its residue rows
+    ``Q`` instead of the target rows.
+    """
     rows, targets, weights = [], [], []
     with torch.inference_mode():
         for sl, Z, *_ in batches:
-            Yb = torch.as_tensor(Y[sl], dtype=torch.float64, device=Z.device)
+            if residue is None:
+                Yb = torch.as_tensor(Y[sl], dtype=torch.float64, device=Z.device)
+            else:
+                Yb = residue(sl, Z)
             R = geometry.design(Z, feature_shape)
             rows.append(R.cpu().numpy())
             targets.append(geometry.targets(Yb, feature_shape).cpu().numpy())
@@ -291,3 +303,129 @@ def head_outputs(batches, n_samples, heads, geometry=None, feature_shape=()):
                     outs[j] = np.empty((n_samples, Yb.shape[1]))
                 outs[j][sl] = Yb.cpu().numpy()
     return outs
+
+
+# -- method="perturb": the first-order residue from paired source samples ---------------
+
+
+def _raw_rows(X, rows, device):
+    """A private copy of the rows of X as a tensor on ``device``, in X's own dtype."""
+    if is_tensor(X):
+        return X[rows].detach().to(device=device, copy=True)
+    return torch.from_numpy(np.array(X[rows], copy=True, order="C")).to(device)
+
+
+_JVP_IMPORTED = False
+
+
+def _jvp(net, x, v):
+    """``torch.func.jvp(net, (x,), (v,))``.
+
+    torch's first jvp imports its forward-mode decompositions through the deprecated
+    ``torch.jit.script`` (torch 2.13), a warning about torch's internals that the user can do
+    nothing about: it is silenced on that first call only.
+    """
+    global _JVP_IMPORTED
+    if _JVP_IMPORTED:
+        return torch.func.jvp(net, (x,), (v,))
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`torch.jit.script` is deprecated", category=DeprecationWarning
+        )
+        out = torch.func.jvp(net, (x,), (v,))
+    _JVP_IMPORTED = True
+    return out
+
+
+def linearised_features(net, X_source, X, rows, device, dtype):
+    """``F(x)`` and ``J_F(x) dx`` for rows of the pairs ``(x, x~ = x + dx)``, float64 (b, d).
+
+    One forward-mode pass of the frozen copy (``torch.func.jvp``) at the source inputs ``x``
+    along ``dx = x~ - x``: the features there and their directional derivative, so that
+    ``F(x) + J_F(x) dx`` is the first-order estimate of the target features. ``dx`` is
+    formed in the wider of the two inputs' dtypes before the cast to the extractor's
+    ``dtype``, so a small shift is not lost to the rounding of the inputs. ``net=None``
+    (X holds the features) is the identity: ``(x, dx)``.
+    """
+    xs, xt = _raw_rows(X_source, rows, device), _raw_rows(X, rows, device)
+    if not (xs.is_floating_point() and xt.is_floating_point()):
+        raise ValueError(
+            "method='perturb' differentiates the network with respect to its input, so X and "
+            f"X_source must be floating-point (got {xt.dtype} and {xs.dtype}); convert them, "
+            "e.g. X.astype(np.float32), or use method='exact'."
+        )
+    wide = torch.promote_types(xs.dtype, xt.dtype)
+    dx = xt.to(wide) - xs.to(wide)
+    if net is None:
+        return xs.to(torch.float64), dx.to(torch.float64)
+    dtype = xs.dtype if dtype is None else dtype
+    xs, dx = xs.to(dtype), dx.to(dtype)
+    try:
+        with torch.no_grad():
+            out, tangent = _jvp(net, xs, dx)
+    except Exception as err:
+        raise ValueError(
+            f"Forward-mode differentiation (torch.func.jvp) of the extractor {type(net).__name__} "
+            f"failed on a batch of shape {tuple(xs.shape)}: {err}. method='perturb' needs an "
+            "extractor whose operations support forward-mode autodiff; use method='exact' otherwise."
+        ) from err
+    if not is_tensor(out) or out.ndim == 0 or out.shape[0] != xs.shape[0]:
+        raise ValueError(
+            "The extractor must return one tensor of features with the batch dimension first; "
+            f"got {type(out).__name__} for a batch of {xs.shape[0]} samples."
+        )
+    b = xs.shape[0]
+    F = _check_finite(out).reshape(b, -1).to(torch.float64)
+    dF = _check_finite(tangent).reshape(b, -1).to(torch.float64)
+    return F, dF
+
+
+class PerturbResidue:
+    """The paper's first-order transferal residue, batch by batch (``method="perturb"``).
+
+    For pairs ``(x_i, x~_i = x_i + dx_i)`` with labels ``(y_i, y~_i)`` and ``f = h o F``::
+
+        Q = dY - J_f(X) dX + (Y - f(X)),    dY = Y~ - Y,
+
+    where ``J_f(x) dx = W0 J_F(x) dx`` (the head is affine) with ``J_F(x) dx`` from
+    :func:`linearised_features` (forward mode, never finite differences) and the head applied
+    in float64. Called with the slice and the target features ``Z~`` of each batch of the
+    feature stream (``accumulate_moments(..., residue=...)``), it returns ``Q`` of shape
+    (b, outputs) on the features' device, and adds the weighted squared norms of its terms
+    to ``terms_sq``: ``label_shift`` (dY), ``intrinsic`` (J_f(X) dX), ``source_error``
+    (Y - f(X)) and ``taylor_remainder`` (f(X~) - f(X) - J_f(X) dX, the error of the first-order
+    estimate, from the target features the stream computes anyway).
+    """
+
+    TERMS = ("label_shift", "intrinsic", "source_error", "taylor_remainder")
+
+    def __init__(self, net, X, X_source, Y, Y_source, s, W0, b0, geometry=None, feature_shape=()):
+        self.net, self.X, self.X_source = net, X, X_source
+        self.Y, self.Y_source, self.s = Y, Y_source, s
+        self.W0, self.b0 = W0, b0
+        self.geometry, self.feature_shape = geometry, feature_shape
+        self.dtype = None if net is None else floating_dtype(net)
+        self.terms_sq = dict.fromkeys(self.TERMS, 0.0)
+        self._params = None
+
+    def _head(self, Z, coef, intercept):
+        if self.geometry is None or self.geometry.kind == "linear":
+            return Z @ coef.T + intercept
+        return self.geometry.outputs(Z, self.feature_shape, coef, intercept)
+
+    def __call__(self, sl, Z):
+        device = Z.device
+        if self._params is None or self._params[0] != device:
+            self._params = (device, *_as_device_arrays(device, self.W0, self.b0, np.zeros_like(self.b0)))
+        _, W0t, b0t, zero = self._params
+        F, dF = linearised_features(self.net, self.X_source, self.X, sl, device, self.dtype)
+        Yt, Ys, sb = _as_device_arrays(device, self.Y[sl], self.Y_source[sl], self.s[sl])
+        f_source = self._head(F, W0t, b0t)  # f(x)
+        intrinsic = self._head(dF, W0t, zero)  # J_f(x) dx
+        label_shift = Yt - Ys
+        source_error = Ys - f_source
+        Q = label_shift - intrinsic + source_error
+        remainder = self._head(Z, W0t, b0t) - f_source - intrinsic
+        for name, T in zip(self.TERMS, (label_shift, intrinsic, source_error, remainder), strict=True):
+            self.terms_sq[name] += float(sb @ (T * T).sum(1))
+        return Q
