@@ -36,6 +36,15 @@ def _host_bytes(X):
     return np.asarray(to_numpy(X))
 
 
+def _is_batch_iterable(X):
+    """A DataLoader, iterator or other iterable that is not array-like: a stream of batches."""
+    if isinstance(X, torch.utils.data.DataLoader) or hasattr(X, "__next__"):
+        return True
+    if isinstance(X, (np.ndarray, torch.Tensor, list, tuple, str, bytes)) or is_dask_array(X):
+        return False
+    return hasattr(X, "__iter__") and not hasattr(X, "__array__") and not hasattr(X, "shape")
+
+
 class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
     r"""Closed-form adaptation of a pretrained last layer to a new domain.
 
@@ -223,16 +232,20 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
     _supports_conv = True
 
     @_fit_context(prefer_skip_nested_validation=True)
-    def fit(self, X, y, sample_weight=None, X_source=None, y_source=None):
+    def fit(self, X, y=None, sample_weight=None, X_source=None, y_source=None):
         """Fit the layer update on target-domain data.
 
         Parameters
         ----------
-        X : array-like or torch.Tensor of shape (n_samples, *input_shape)
+        X : array-like or torch.Tensor of shape (n_samples, *input_shape), or an iterable of batches
             Inputs of the extractor, or features (n_samples, d) when ``extractor=None``.
-            With ``method="perturb"``: the target samples ``x~_i``.
+            With ``method="perturb"``: the target samples ``x~_i``. For data that does not
+            fit in memory, a ``torch.utils.data.DataLoader`` (or any iterable that is not an
+            array) yielding ``(X, y)`` or ``(X, y, sample_weight)`` batches, with ``y=None``:
+            the batches are streamed once through the moments and solved once at the end, the
+            same update as ``fit`` on all of them (the moments path).
         y : array-like of shape (n_samples,) or (n_samples, k)
-            Targets on the head's output scale.
+            Targets on the head's output scale (None with an iterable X).
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights ``s_i`` of the squared errors.
         X_source : array-like or torch.Tensor of the shape of X, default=None
@@ -247,6 +260,8 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         self : object
             Fitted estimator.
         """
+        if _is_batch_iterable(X):
+            return self._fit_batches(X, y, sample_weight, X_source, y_source)
         perturb = self._uses_source(X_source, y_source)
         if is_dask_array(X):
             if perturb:
@@ -425,6 +440,41 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         return self
 
     @_fit_context(prefer_skip_nested_validation=True)
+    def _fit_batches(self, data, y, sample_weight, X_source, y_source):
+        """``fit`` over an iterable of ``(X, y[, sample_weight])`` batches (a DataLoader)."""
+        if y is not None or sample_weight is not None or X_source is not None or y_source is not None:
+            raise ValueError(
+                "With an iterable X (a DataLoader of batches), y and sample_weight come from its "
+                "batches: pass y=None and yield (X, y) or (X, y, sample_weight) tuples. "
+                "method='perturb' needs arrays or partial_fit."
+            )
+        if self.method != "exact":
+            raise ValueError("method='perturb' does not take an iterable X; call partial_fit on its batches.")
+        self._moments = None  # start again, as fit does
+        self.__dict__.pop("solver_", None)
+        n_batches = 0
+        for batch in data:
+            if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
+                raise TypeError(
+                    "Each batch of an iterable X must be a tuple (X, y) or (X, y, sample_weight), "
+                    f"got {type(batch).__name__}"
+                    + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                    + "."
+                )
+            Xb, yb, *swb = batch
+            self._partial(Xb, yb, swb[0] if swb else None, None, None, solve=False)
+            n_batches += 1
+        if n_batches == 0:
+            raise ValueError("The iterable X yielded no batches; pass at least one (X, y) batch.")
+        spec, moments = self._spec, self._moments
+        dWt, db, residual_sq = _solvers.ridge_primal(
+            moments, self.alpha, spec.fit_intercept, spec.rtol(self.n_samples_seen_ * spec.rows_per_sample)
+        )
+        X_last = Xb if hasattr(Xb, "shape") else np.asarray(Xb)
+        residue_sq = _solvers.uncentred(moments)[2]
+        self._store(spec, X_last, self.extractor_, dWt, db, residue_sq, residual_sq, self._weights_digest)
+        return self
+
     def partial_fit(self, X, y, sample_weight=None, X_source=None, y_source=None):
         """Add a batch of target-domain data to the update (out-of-core fitting).
 
@@ -451,6 +501,11 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         self : object
             The updated estimator.
         """
+        return self._partial(X, y, sample_weight, X_source, y_source, solve=True)
+
+    def _partial(self, X, y, sample_weight, X_source, y_source, solve):
+        """One partial_fit step; ``solve=False`` merges the batch's moments without solving
+        (the batches of an iterable fit, solved once after the last)."""
         perturb = self._uses_source(X_source, y_source)
         moments = getattr(self, "_moments", None)
         if moments is None and getattr(self, "solver_", None) == "dual":
@@ -509,9 +564,13 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
                 "All samples seen so far by partial_fit have zero sample_weight; the update "
                 "needs at least one positively weighted sample."
             )
-        dWt, db, residual_sq = _solvers.ridge_primal(
-            moments, self.alpha, spec.fit_intercept, spec.rtol(n_seen)
-        )
+        if solve:
+            dWt, db, residual_sq = _solvers.ridge_primal(
+                moments, self.alpha, spec.fit_intercept, spec.rtol(n_seen * spec.rows_per_sample)
+            )
+        else:
+            k = spec.W0.shape[0]
+            dWt, db, residual_sq = np.zeros((spec.d, k)), np.zeros(k), np.nan
         self._store(spec, X, net, dWt, db, _solvers.uncentred(moments)[2], residual_sq, digest)
         self.solver_ = "primal"
         self.n_samples_seen_ = n_seen

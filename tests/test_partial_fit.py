@@ -5,7 +5,8 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from conftest import make_body, make_head
+import torch
+from conftest import CountingModule, make_body, make_head
 from numpy.testing import assert_allclose
 
 from skl_transfer import LayerVariationalAdapter
@@ -106,3 +107,41 @@ def test_partial_fit_zero_weight_batches_and_errors():
         part.partial_fit(X[:5], None)
     with pytest.raises(ValueError, match="fit_intercept changed"):
         part.set_params(fit_intercept=False).partial_fit(X[:5], y[:5])
+
+
+# -- fit on an iterable of batches (a DataLoader): the out-of-core input path ------------------
+
+
+def test_fit_on_a_dataloader_equals_fit_in_memory():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    body, head = make_body(), make_head(n_out=2)
+    rng = np.random.default_rng(4)
+    X, y, sw = rng.normal(size=(300, 5)), rng.normal(size=(300, 2)), rng.uniform(0.1, 2.0, size=300)
+    expected = LayerVariationalAdapter(body, head, alpha=0.3).fit(X, y, sample_weight=sw)
+    data = DataLoader(TensorDataset(*(torch.as_tensor(a) for a in (X, y, sw))), batch_size=64)
+    counting = CountingModule(body)
+    est = LayerVariationalAdapter(counting, head, alpha=0.3).fit(data)
+    assert_allclose(est.coef_, expected.coef_, rtol=1e-10, atol=1e-12)
+    assert_allclose(est.intercept_, expected.intercept_, rtol=1e-10, atol=1e-12)
+    assert_allclose(est.residual_norm_, expected.residual_norm_, rtol=1e-8)
+    assert est.n_samples_seen_ == 300 and est.input_shape_ == (5,)
+    assert counting.rows_seen == 300  # each sample through the extractor once
+    assert_allclose(est.predict(X), expected.predict(X), rtol=1e-10, atol=1e-12)
+
+
+def test_fit_on_a_generator_of_batches_restarts_and_validates():
+    body, head = make_body(), make_head()
+    rng = np.random.default_rng(5)
+    X, y = rng.normal(size=(120, 5)), rng.normal(size=120)
+    est = LayerVariationalAdapter(body, head, alpha=1.0).fit(X[:30], y[:30])  # an earlier fit is discarded
+    est.fit((X[i : i + 50], y[i : i + 50]) for i in range(0, 120, 50))
+    expected = LayerVariationalAdapter(body, head, alpha=1.0).fit(X, y)
+    assert_allclose(est.coef_, expected.coef_, rtol=1e-10, atol=1e-12)
+    assert est.n_samples_seen_ == 120
+    with pytest.raises(TypeError, match=r"\(X, y\) or \(X, y, sample_weight\)"):
+        LayerVariationalAdapter(body, head).fit(iter([X[:10]]))
+    with pytest.raises(ValueError, match="pass y=None"):
+        LayerVariationalAdapter(body, head).fit(iter([(X, y)]), y)
+    with pytest.raises(ValueError, match="no batches"):
+        LayerVariationalAdapter(body, head).fit(iter([]))
