@@ -11,7 +11,8 @@ Measured side by side in one run (medians of --repeats runs after a warm-up):
 * ``solve``: the solve alone on precomputed float64 features (20,000 x 1024, 10 outputs) against
   ``sklearn.linear_model.Ridge(solver="auto")`` fitted on the residue, coefficients equal to 1e-8.
 * ``stream``: ``fit`` on a generator of batches (the DataLoader input path) over 1,000,000
-  samples of d = 1024 features made batch by batch (never all in memory), in a fresh subprocess: peak RSS growth of the whole loop. Target < 1 GiB.
+  samples of d = 1024 features made batch by batch (never all in memory), in a fresh
+  subprocess: peak RSS growth of the whole fit. Target < 1 GiB.
 
     python benchmarks/throughput.py            # about 10 minutes on 2 idle cores
     python benchmarks/throughput.py --quick    # smaller sizes, a smoke test
