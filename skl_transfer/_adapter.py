@@ -319,9 +319,7 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
             key = p.cached.moments_key(p.Y, p.s, spec.W0, spec.b0, [self.batch_size], *extra)
         entry = None if key is None else p.cached.get_moments(key)
         if entry is None:
-            moments = accumulate_moments(
-                p.batches, p.Y, p.s, spec.W0, spec.b0, spec.geometry, spec.feature_shape, residue=residue
-            )
+            moments = p.moments(residue=residue)
             entry = moments if residue is None else _PerturbMoments(*moments, dict(residue.terms_sq))
             if key is not None:
                 p.cached.put_moments(key, entry)
@@ -555,7 +553,15 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
                 runtime, X, X_source, Y, Y_source, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape
             )
         m = accumulate_moments(
-            batches, Y, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape, residue=residue
+            batches,
+            Y,
+            s,
+            spec.W0,
+            spec.b0,
+            spec.geometry,
+            spec.feature_shape,
+            residue=residue,
+            blas=runtime is None,
         )
         moments = m if moments is None else _solvers.merge_moments(moments, m)
         n_seen += X.shape[0]

@@ -20,6 +20,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from . import _diagnostics, _solvers
 from ._heads import AdaptedNetwork, LinearGeometry, Prior, as_prior
 from ._torch import (
+    accumulate_moments,
     cached_extractor,
     feature_batches,
     frozen_copy,
@@ -85,6 +86,22 @@ class Problem:
     @property
     def digest(self):
         return None if self.cached is None else self.cached.digest
+
+    def moments(self, **kwargs):
+        """Moments of the whole feature stream (:func:`accumulate_moments`; ``labels`` or
+        ``residue`` as keywords)."""
+        spec = self.spec
+        return accumulate_moments(
+            self.batches,
+            self.Y,
+            self.s,
+            spec.W0,
+            spec.b0,
+            spec.geometry,
+            spec.feature_shape,
+            blas=self.net is None,
+            **kwargs,
+        )
 
 
 class BaseAdapter(BaseEstimator):

@@ -16,7 +16,7 @@ from sklearn.utils._param_validation import StrOptions
 from . import _solvers
 from ._base import AdapterRegressorMixin, BaseAdapter
 from ._heads import as_prior
-from ._torch import accumulate_moments, cached_extractor, gather_features, head_outputs
+from ._torch import cached_extractor, gather_features, head_outputs
 
 
 class _FixedPredictions(RegressorMixin, BaseEstimator):
@@ -298,9 +298,7 @@ class LayerVariationalAdapterCV(AdapterRegressorMixin, BaseAdapter):
         spec = p.spec
         folds = self._folds(p, groups)
         roles, labels = _solvers.fold_atoms(folds, p.n_samples)
-        atoms = accumulate_moments(
-            p.batches, p.Y, p.s, spec.W0, spec.b0, spec.geometry, spec.feature_shape, labels=labels
-        )
+        atoms = p.moments(labels=labels)
         per = spec.rows_per_sample
 
         def merged(members):

@@ -31,7 +31,9 @@ def _block_moments(net, X, Y, s, spec, batch_size):
     if not np.isfinite(s).all() or (s < 0).any():
         raise ValueError("sample_weight must be finite and >= 0; got negative, NaN or infinite weights.")
     batches = feature_batches(net, X, batch_size)
-    return accumulate_moments(batches, Y, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape)
+    return accumulate_moments(
+        batches, Y, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape, blas=net is None
+    )
 
 
 def dask_moments(net, X, Y, s, spec, batch_size):

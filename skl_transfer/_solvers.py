@@ -63,10 +63,11 @@ def batch_moments(Z, Q, s):
     scale = S if S > 0 else 1.0
     mean_z = (s @ Z) / scale
     mean_q = (s @ Q) / scale
-    Zc = Z - mean_z
-    Qc = Q - mean_q
-    sZc = Zc * s[:, None]
-    return Moments(S, mean_z, mean_q, sZc.T @ Zc, sZc.T @ Qc, float(s @ (Qc * Qc).sum(1)))
+    r = s[:, None] ** 0.5
+    A = (Z - mean_z) * r
+    R = (Q - mean_q) * r
+    # ``A.T @ A`` of one buffer: numpy computes it with a symmetric rank-k update (half the flops)
+    return Moments(S, mean_z, mean_q, A.T @ A, A.T @ R, float((R * R).sum()))
 
 
 def merge_moments(a, b):

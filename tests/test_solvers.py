@@ -54,6 +54,36 @@ def test_merge_with_zero_weight_batch_is_identity():
         assert_allclose(a, b)
 
 
+@pytest.mark.parametrize("blas", [False, True])
+@pytest.mark.parametrize("weights", ["varied", "equal", "with_zero_batch"])
+def test_streaming_moment_sums_equal_direct_centred_products(blas, weights):
+    """The in-place accumulator of the torch side (syrk or blocked upper triangle, rank-1
+    mean corrections) gives numpy's weighted centred products, for uneven batch sizes."""
+    torch = pytest.importorskip("torch")
+    from skl_transfer._torch import MomentSums
+
+    Z, Q, s = _data(613, 300, 3, seed=4)
+    Z += 50.0  # a large common offset: the per-batch centring must keep the digits
+    if weights == "equal":
+        s = np.full(613, 2.5)
+    elif weights == "with_zero_batch":
+        s[100:250] = 0.0
+    acc = MomentSums(300, 3, "cpu", blas=blas)
+    edges = [0, 1, 100, 250, 251, 500, 613]
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        acc.add(*(torch.as_tensor(a[lo:hi]) for a in (Z, Q, s)))
+    m = acc.moments()
+    mz, mq = np.average(Z, axis=0, weights=s), np.average(Q, axis=0, weights=s)
+    Zc, Qc = Z - mz, Q - mq
+    assert m.weight == pytest.approx(s.sum(), rel=1e-14)
+    assert_allclose(m.mean_z, mz, rtol=1e-13)
+    assert_allclose(m.mean_q, mq, rtol=1e-12, atol=1e-12)
+    assert_allclose(m.G, (Zc * s[:, None]).T @ Zc, rtol=1e-11, atol=1e-9)
+    assert_allclose(m.G, m.G.T, rtol=0, atol=0)  # exactly symmetric
+    assert_allclose(m.B, (Zc * s[:, None]).T @ Qc, rtol=1e-11, atol=1e-8)
+    assert m.qq == pytest.approx(float(s @ (Qc**2).sum(1)), rel=1e-12)
+
+
 @pytest.mark.parametrize("fit_intercept", [True, False])
 @pytest.mark.parametrize("alpha", [0.3, 10.0])
 @pytest.mark.parametrize("n, d", [(200, 6), (5, 12)])
