@@ -102,3 +102,46 @@ def save_figure(fig, name, csv_path):
     png = RESULTS / f"{name}.png"
     fig.savefig(png, dpi=120)
     print(f"wrote {csv_path} and {png}")
+
+
+def srcnn_paper(seed=0):
+    """Body and head of the SRCNN of the authors' code ('same' padding: a 33 x 33 patch gives
+    33 x 33 outputs; random weights and BatchNorm statistics, eval mode)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    layers = [nn.Conv2d(1, 32, 9, padding=4)]
+    for _ in range(3):
+        layers += [nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.BatchNorm2d(32)]
+    body = nn.Sequential(*layers)
+    for m in body:
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(32, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(32, generator=g))
+    head = nn.Conv2d(32, 1, 5, padding=2, bias=False)
+    return body.eval().requires_grad_(False), head.eval().requires_grad_(False)
+
+
+def _status_mib(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {key} in /proc/self/status (Linux only)")
+
+
+def peak_rss_growth_mib(fn):
+    """``(peak RSS growth in MiB while fn() runs, fn())``, from this process's own high-water mark.
+
+    The mark (VmHWM) is reset to the current RSS just before ``fn`` (Linux ``clear_refs``), so
+    nothing the process held before counts. ``getrusage``'s ``ru_maxrss`` is no substitute: a
+    process started by fork + exec inherits its parent's, so a small child of a large parent
+    would report no growth at all.
+    """
+    import gc
+
+    gc.collect()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _status_mib("VmRSS")
+    out = fn()
+    return _status_mib("VmHWM") - before, out

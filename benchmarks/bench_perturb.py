@@ -49,7 +49,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import skimage.data
 import torch
-from _common import median_time, save_figure, write_csv
+from _common import median_time, save_figure, srcnn_paper, write_csv
 from skimage.transform import resize
 from torch import nn
 from torch.nn import functional as F
@@ -58,22 +58,6 @@ from skl_transfer._torch import linearised_features
 
 PATCH, H_FD, BATCH = 33, 1e-3, 256
 TOL32, TOL64 = 5e-2, 1e-6
-
-
-def srcnn(seed=0):
-    """Body and head of the SRCNN (random weights and BatchNorm statistics, eval mode)."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    layers = [nn.Conv2d(1, 32, 9, padding=4)]
-    for _ in range(3):
-        layers += [nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.BatchNorm2d(32)]
-    body = nn.Sequential(*layers)
-    for m in body:
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(0.1 * torch.randn(32, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(32, generator=g))
-    head = nn.Conv2d(32, 1, 5, padding=2, bias=False)
-    return body.eval().requires_grad_(False), head.eval().requires_grad_(False)
 
 
 def blur(img, scale):
@@ -142,7 +126,7 @@ def main(argv=None):
     mask = np.zeros(n_pixels, np.float32)
     mask[pixels] = 1.0
 
-    body, head = srcnn()
+    body, head = srcnn_paper()
     net = nn.Sequential(body, head)
     print(
         f"SRCNN, {n_pixels} input pixels per patch, float32, {torch.get_num_threads()} torch threads; "

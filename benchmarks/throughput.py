@@ -1,4 +1,4 @@
-"""Throughput and memory of the fit against the limits it cannot beat (issue 7, CPU part).
+"""Throughput and memory of the fit against the limits it cannot beat (issue 7).
 
 Measured side by side in one run (medians of --repeats runs after a warm-up):
 
@@ -13,17 +13,29 @@ Measured side by side in one run (medians of --repeats runs after a warm-up):
 * ``stream``: ``fit`` on a generator of batches (the DataLoader input path) over 1,000,000
   samples of d = 1024 features made batch by batch (never all in memory), in a fresh
   subprocess: peak RSS growth of the whole fit. Target < 1 GiB.
+* ``srcnn``: the authors' SRCNN ('same' padding, conv head 32 -> 1, 5 x 5) on 8,192 patches of
+  33 x 33: 8.9 million design rows of 800 (57 GiB if formed at once in float64; the authors'
+  code needs 13 GiB), in a fresh subprocess: peak RSS growth of the fit. Target < 1 GiB.
 
-    python benchmarks/throughput.py            # about 10 minutes on 2 idle cores
-    python benchmarks/throughput.py --quick    # smaller sizes, a smoke test
+Peak RSS growth is the process's own high-water mark (VmHWM, reset just before the fit).
+
+    python benchmarks/throughput.py                # the CPU targets (about 15 minutes, 2 idle cores)
+    python benchmarks/throughput.py --quick        # smaller sizes, a smoke test
+    python benchmarks/throughput.py --device cuda  # the GPU targets (ResNet-50 at 224 x 224)
+
+``--device`` runs :func:`device_checks` instead: fit throughput against forward-only throughput
+(target >= 85%), the bytes copied device -> host during a fit, agreement with a float64 CPU
+fit on the same features, and ``LayerVariationalAdapterCV`` over 30 alphas x 5 folds.
 
 Writes benchmarks/results/throughput.csv and .png (``_quick`` with --quick).
 """
 
 import argparse
+import json
 import subprocess
 import sys
-import textwrap
+import time
+from pathlib import Path
 
 import matplotlib
 
@@ -31,11 +43,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import median_time, save_figure, write_csv
+from _common import median_time, peak_rss_growth_mib, save_figure, srcnn_paper, write_csv
 from sklearn.linear_model import Ridge
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from skl_transfer import LayerVariationalAdapter
+from skl_transfer import LayerVariationalAdapter, LayerVariationalAdapterCV
 
 
 class BasicBlock(nn.Module):
@@ -54,6 +67,37 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(out)) + self.skip(x))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, c_in, width, stride):
+        super().__init__()
+        c_out = 4 * width
+        self.body = nn.Sequential(
+            nn.Conv2d(c_in, width, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
+        )  # fmt: skip
+        self.skip = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else nn.Identity()
+        )
+
+    def forward(self, x):
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+def resnet50_body():
+    """ResNet-50's layout (23.5 M parameters in the body, random weights): 2048 features."""
+    layers = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    c = 64
+    for width, blocks, stride in [(64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)]:
+        for i in range(blocks):
+            layers.append(Bottleneck(c, width, stride if i == 0 else 1))
+            c = 4 * width
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    return nn.Sequential(*layers).eval()
 
 
 def resnet18_body():
@@ -118,40 +162,157 @@ def solve_vs_ridge(n, d, k, repeats):
                 extra=f"max rel coef diff {err:.1e}")  # fmt: skip
 
 
-STREAM = textwrap.dedent(
+class HostCopies(TorchDispatchMode):
+    """Counts the bytes that torch copies from ``device_type`` to the host (``.cpu()``,
+    ``.to("cpu")``, ``copy_`` into a CPU tensor, ``.item()``) while active."""
+
+    def __init__(self, device_type):
+        super().__init__()
+        self.device_type, self.bytes, self.copies = device_type, 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        pairs = []
+        if func is torch.ops.aten.copy_.default:
+            pairs = [(args[1], args[0])]
+        elif args and isinstance(args[0], torch.Tensor):
+            pairs = [(args[0], o) for o in (out if isinstance(out, tuple | list) else (out,))]
+        for src, dst in pairs:
+            if isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor):
+                if src.device.type == self.device_type and dst.device.type == "cpu":
+                    self.bytes += dst.numel() * dst.element_size()
+                    self.copies += 1
+            elif func is torch.ops.aten._local_scalar_dense.default and src.device.type == self.device_type:
+                self.bytes += src.element_size()
+                self.copies += 1
+        return out
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_checks(device, n, size, batch, repeats):
+    """The GPU targets of issue 7 on ``device`` (also runs on the CPU, small, as a test).
+
+    ResNet-50 body (random weights) on n images of size x size already on the device, d = 2048:
+    fit throughput / forward-only throughput (target >= 0.85); bytes copied device -> host
+    during a fit (the features are n x 2048 floats: they must not be among them); agreement of
+    the fit with a float64 CPU fit on the same features (brought to the host outside the fit);
+    LayerVariationalAdapterCV over 30 alphas x 5 folds, timed and checked against the CPU.
     """
-    import resource, sys, time, numpy as np
-    from skl_transfer import LayerVariationalAdapter
-    n, d, batch = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    rng = np.random.default_rng(0)
-    w = rng.normal(size=d) / np.sqrt(d)
-    est = LayerVariationalAdapter(head=(np.zeros(d), 0.0), alpha=1.0)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    def batches():  # made one at a time, never all in memory
-        for start in range(0, n, batch):
-            Z = rng.normal(size=(min(batch, n - start), d)).astype(np.float32)
-            yield Z, Z @ w + rng.normal(size=len(Z))
+    device = torch.device(device)
+    torch.backends.cudnn.benchmark = False
+    torch.manual_seed(0)
+    body = resnet50_body().to(device)
+    head = nn.Linear(2048, 10).to(device)
+    X = torch.randn(n, 3, size, size, device=device)
+    y = np.random.default_rng(0).normal(size=(n, 10))
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"device checks on {device} ({name}), ResNet-50 body, {n} images {size} x {size}, batch {batch}")
 
-    t0 = time.perf_counter()
-    est.fit(batches())  # the iterable input path: moments streamed, one solve at the end
-    seconds = time.perf_counter() - t0
-    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    print(seconds, growth, est.n_samples_seen_, np.corrcoef(est.coef_, w)[0, 1])
-    """
-)
+    def forward():
+        forward_only(body, X, batch)
+        _sync(device)
 
+    est = LayerVariationalAdapter(body, head, alpha=1.0, cache=False, batch_size=batch, device=device)
 
-def stream(n, d, batch):
-    out = subprocess.run([sys.executable, "-c", STREAM, str(n), str(d), str(batch)], capture_output=True,
-                         text=True, check=True).stdout.split()  # fmt: skip
-    seconds, growth, seen, corr = float(out[0]), float(out[1]), int(out[2]), float(out[3])
-    data_mb = n * d * 4 / 2**20
+    def fit():
+        est.fit(X, y)
+        _sync(device)
+
+    t_forward, _ = median_time(forward, repeats)
+    t_fit, _ = median_time(fit, repeats)
+    share = t_forward / t_fit
     print(
-        f"stream  n={seen} d={d} (float32 data {data_mb:,.0f} MB, never all in memory), batches of "
-        f"{batch}: {seconds:.1f} s, peak RSS growth {growth:.0f} MB (target < 1024); corr(coef, w) {corr:.4f}"
+        f"resnet50 forward {t_forward:.2f} s ({n / t_forward:.0f} images/s), fit {t_fit:.2f} s "
+        f"({n / t_fit:.0f} images/s): fit throughput = {share:.1%} of forward-only (target >= 85%)"
     )
-    return dict(case="stream", n=seen, d=d, baseline_s=float("nan"), lva_s=seconds, ratio=growth / 1024,
-                target=1.0, extra=f"peak RSS growth {growth:.0f} MB")  # fmt: skip
+    with HostCopies(device.type) as copies:
+        est.fit(X, y)
+    feature_bytes = n * 2048 * 4
+    if device.type != "cpu":
+        print(
+            f"device -> host during one fit: {copies.bytes / 2**20:.1f} MiB in {copies.copies} copies "
+            f"(features: {feature_bytes / 2**20:.1f} MiB; d x d float64 moments: "
+            f"{2048**2 * 8 / 2**20:.1f} MiB)"
+        )
+    with torch.inference_mode():  # the fit's batches (its first sample goes alone): the same features
+        starts = [0, *range(1, n, batch), n]
+        Z = torch.cat([body(X[a:b]) for a, b in zip(starts[:-1], starts[1:], strict=True)]).cpu().numpy()
+    W0, b0 = head.weight.detach().cpu().numpy(), head.bias.detach().cpu().numpy()
+    ref = LayerVariationalAdapter(head=(W0, b0), alpha=1.0, cache=False, device="cpu").fit(Z, y)
+    diff = np.abs(est.coef_ - ref.coef_).max() / np.abs(ref.coef_).max()
+    print(f"fit on {device} vs float64 CPU fit on the same features: max relative coef difference {diff:.1e}")
+    alphas = np.logspace(-2, 4, 30)
+    cv = LayerVariationalAdapterCV(
+        body, head, alphas=alphas, cv=5, cache=False, batch_size=batch, device=device
+    )
+    t_cv, _ = median_time(lambda: (cv.fit(X, y), _sync(device)), 1, warmup=0)
+    cv_ref = LayerVariationalAdapterCV(head=(W0, b0), alphas=alphas, cv=5, cache=False, device="cpu").fit(
+        Z, y
+    )
+    cv_diff = np.abs(cv.coef_ - cv_ref.coef_).max() / np.abs(cv_ref.coef_).max()
+    print(
+        f"LayerVariationalAdapterCV 30 alphas x 5 folds: {t_cv:.2f} s ({t_cv / t_fit:.2f} x one fit), "
+        f"alpha_ {cv.alpha_:g} (CPU on the same features: {cv_ref.alpha_:g}), coef difference {cv_diff:.1e}"
+    )
+    return dict(
+        device=name, n=n, forward_s=t_forward, fit_s=t_fit, throughput_share=share,
+        host_bytes=copies.bytes, feature_bytes=feature_bytes, coef_diff=diff, cv_s=t_cv,
+        cv_alpha=cv.alpha_, cv_alpha_cpu=cv_ref.alpha_, cv_coef_diff=cv_diff,
+    )  # fmt: skip
+
+
+def _probe(kind, n):
+    """Run in a fresh process (``--_probe``): one fit's peak RSS growth, printed as JSON."""
+    if kind == "stream":  # fit on a generator of float32 feature batches (d = 1024), never all in memory
+        d, batch = 1024, 8192
+        rng = np.random.default_rng(0)
+        w = rng.normal(size=d) / np.sqrt(d)
+        est = LayerVariationalAdapter(head=(np.zeros(d), 0.0), alpha=1.0)
+
+        def batches():  # made one at a time
+            for start in range(0, n, batch):
+                Z = rng.normal(size=(min(batch, n - start), d)).astype(np.float32)
+                yield Z, Z @ w + rng.normal(size=len(Z))
+
+        data, extra = batches(), {}
+    else:  # the authors' SRCNN ('same' padding): n patches 33 x 33 -> n x 1089 rows of 800
+        body, head = srcnn_paper()
+        rng = np.random.default_rng(0)
+        data = rng.random((n, 1, 33, 33), dtype=np.float32)
+        extra = dict(y=rng.normal(size=(n, 1, 33, 33)).astype(np.float32))
+        est = LayerVariationalAdapter(body, head, alpha=0.0, cache=False)
+        w = None
+    t0 = time.perf_counter()
+    growth, _ = peak_rss_growth_mib(lambda: est.fit(data, **extra))
+    out = dict(seconds=time.perf_counter() - t0, growth_mib=growth, n=int(est.n_samples_seen_))
+    if w is not None:
+        out["corr"] = float(np.corrcoef(est.coef_, w)[0, 1])
+    print(json.dumps(out))
+
+
+def memory(kind, n):
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_probe", kind, str(n)]
+    res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    growth = res["growth_mib"]
+    if kind == "stream":
+        what = (
+            f"stream  n={res['n']} d=1024 (float32 data {n * 1024 * 4 / 2**20:,.0f} MiB, never all in "
+            f"memory), batches of 8192: {res['seconds']:.1f} s, corr(coef, w) {res['corr']:.4f}"
+        )
+    else:
+        rows = n * 33 * 33
+        what = (
+            f"srcnn   n={n} patches 33 x 33, 'same' padding: {rows:,} design rows x 800 (all at once: "
+            f"{rows * 800 * 8 / 2**30:.1f} GiB in float64), fit {res['seconds']:.1f} s"
+        )
+    print(f"{what}; peak RSS growth {growth:.0f} MiB (fresh process; target < 1024)")
+    return dict(case=kind, n=n, d=800 if kind == "srcnn" else 1024, baseline_s=float("nan"),
+                lva_s=res["seconds"], ratio=growth / 1024, target=1.0,
+                extra=f"peak RSS growth {growth:.0f} MiB")  # fmt: skip
 
 
 def main(argv=None):
@@ -160,8 +321,21 @@ def main(argv=None):
     )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="run the device checks (ResNet-50, 224 x 224) on this device instead, e.g. cuda",
+    )
+    parser.add_argument("--_probe", nargs=2, dest="probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe:
+        return _probe(args.probe[0], int(args.probe[1]))
     repeats = args.repeats or (1 if args.quick else 3)
+    if args.device is not None:
+        n, size, batch = (16, 64, 8) if args.quick else (4096, 224, 256)
+        row = device_checks(args.device, n, size, batch, repeats)
+        write_csv(f"throughput_{torch.device(args.device).type}" + ("_quick" if args.quick else ""), [row])
+        return [row]
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU")
     rows = []
@@ -172,7 +346,8 @@ def main(argv=None):
     X = torch.randn(n_mlp, 1024)
     rows.append(fit_vs_forward("mlp", mlp_body(1024, 2048), X, 10, 1024, repeats, 1.5))
     rows.append(solve_vs_ridge(2000 if args.quick else 20000, 1024, 10, repeats))
-    rows.append(stream(20000 if args.quick else 1_000_000, 1024, 8192))
+    rows.append(memory("stream", 20000 if args.quick else 1_000_000))
+    rows.append(memory("srcnn", 256 if args.quick else 8192))
     name = "throughput" + ("_quick" if args.quick else "")
     path = write_csv(name, rows)
     fig, ax = plt.subplots(figsize=(6, 3.5))
@@ -181,6 +356,7 @@ def main(argv=None):
         "fit / forward\n(MLP)",
         "LVA / Ridge\n(solve)",
         "peak RSS / 1 GiB\n(1M stream)",
+        "peak RSS / 1 GiB\n(SRCNN, 8192)",
     ]
     ax.bar(labels, [r["ratio"] for r in rows], color="tab:blue")
     ax.scatter(labels, [r["target"] for r in rows], color="tab:red", marker="_", s=900, label="target")

@@ -67,7 +67,10 @@ class _GradientDescentBase(BaseAdapter):
     coef_, intercept_, delta_coef_, delta_intercept_, fit_intercept_, residue_norm_, residual_norm_ :
         As in :class:`LayerVariationalAdapter`.
     loss_curve_ : ndarray of shape (epochs,)
-        Training objective after each epoch.
+        Training objective (weighted mean loss plus the weight decay term) after each epoch.
+        Full batch: exact, and free (epoch i's step computes it at the weights epoch i - 1
+        left). Minibatches: the weight-averaged objective of the epoch's minibatches, each at
+        the weights before its step, as scikit-learn's MLP reports it (no extra pass).
     validation_loss_curve_ : ndarray of shape (epochs,) or None
         Weighted mean squared error on the validation split after each epoch.
     best_epoch_ : int
@@ -207,18 +210,33 @@ class _GradientDescentBase(BaseAdapter):
         losses, val_losses = [], []
         best = (np.inf, 0, W.detach().clone(), b.detach().clone())
         t0 = time.perf_counter()
+        full_batch = step >= len(train)
         for epoch in self._progress(range(self.epochs), self.epochs, "epochs"):
-            order = train_t[torch.randperm(len(train), generator=gen)] if step < len(train) else train_t
+            order = train_t if full_batch else train_t[torch.randperm(len(train), generator=gen)]
+            total = weight = 0.0
             for start in range(0, len(order), step):
+                idx = order[start : start + step]
                 opt.zero_grad()
-                objective(order[start : start + step]).backward()
+                loss = objective(idx)
+                loss.backward()
                 opt.step()
+                if full_batch:  # the objective at the weights the previous epoch left
+                    if epoch > 0:
+                        losses.append(loss.detach())
+                else:
+                    w = st[idx].sum()
+                    total, weight = total + loss.detach() * w, weight + w
+            if not full_batch:
+                losses.append(total / weight)
             with torch.no_grad():
-                losses.append(float(objective(train_t)))
                 if val is not None:
                     val_losses.append(float(data_loss(torch.as_tensor(val))))
                     if val_losses[-1] < best[0]:
                         best = (val_losses[-1], epoch + 1, W.detach().clone(), b.detach().clone())
+        if full_batch and self.epochs > 0:
+            with torch.no_grad():
+                losses.append(objective(train_t))  # after the last epoch
+        losses = [float(v) for v in losses]
         seconds = time.perf_counter() - t0
         if val is None:
             best = (None, self.epochs, W.detach(), b.detach())

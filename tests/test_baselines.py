@@ -124,3 +124,35 @@ def test_gd_classifier_converges_to_the_log_loss_closed_form():
 )
 def test_gd_classifier_sklearn_compatible(estimator, check):
     check(estimator)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_full_batch_loss_curve_is_the_objective_after_each_epoch(weighted):
+    """Oracle: numpy's weighted objective at the coefficients of a run stopped after i epochs."""
+    body, head = make_body(batchnorm=False).float(), make_head().float()
+    X, y = _data(n=60)
+    sw = np.random.default_rng(2).uniform(0.5, 1.5, len(y)) if weighted else np.ones(len(y))
+    params = dict(lr=0.05, weight_decay=0.01, random_state=0)
+    curve = GradientDescentAdapter(body, head, epochs=3, **params).fit(X, y, sample_weight=sw).loss_curve_
+    W0 = head.weight.detach().double().numpy()
+    with torch.no_grad():
+        Z = body.eval()(torch.as_tensor(X, dtype=torch.float32)).double().numpy()
+    for i in (1, 2, 3):
+        gd = GradientDescentAdapter(body, head, epochs=i, **params).fit(X, y, sample_weight=sw)
+        coef = np.atleast_2d(gd.coef_)  # (1, d): y is one output
+        err = ((Z @ coef.T + gd.intercept_ - y.reshape(len(y), -1)) ** 2).sum(1)
+        objective = sw @ err / sw.sum() + 0.01 * ((coef - W0) ** 2).sum()
+        assert curve[i - 1] == pytest.approx(objective, rel=1e-5)
+
+
+def test_minibatch_loss_curve_averages_the_epochs_batch_objectives():
+    body, head = make_body(batchnorm=False).float(), make_head().float()
+    X, y = _data(n=64)
+    gd = GradientDescentAdapter(body, head, lr=0.02, epochs=30, batch_size=16, random_state=0).fit(X, y)
+    assert gd.loss_curve_.shape == (30,) and np.isfinite(gd.loss_curve_).all()
+    with torch.no_grad():
+        Z = body.eval()(torch.as_tensor(X, dtype=torch.float32)).double().numpy()
+    final = np.mean((Z @ gd.coef_ + gd.intercept_ - y) ** 2)  # y and coef_ one-dimensional
+    # the last epoch's average lies between its start and end objectives: close to the end here
+    assert gd.loss_curve_[-1] == pytest.approx(final, rel=0.05)
+    assert gd.loss_curve_[-1] < gd.loss_curve_[0]

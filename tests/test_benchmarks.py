@@ -33,3 +33,16 @@ def test_digits_quick_adapts_a_classifier_to_inverted_digits(monkeypatch, capsys
     assert accuracy["LVA log (alpha=0.1)"] > pretrained + 0.5
     gd = accuracy["GD (Adam lr 1e-2, 300 epochs)"]
     assert accuracy["LVA squared, onehot (alpha=1)"] >= gd - 0.02  # the paper's claim, in direction
+
+
+def test_device_checks_of_the_throughput_script_run_on_cpu(monkeypatch, capsys):
+    """The GPU check (issue 7) is one prepared script: its small CPU run must work end to end,
+    and the fit must equal a float64 fit on the same features, searched alpha included."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    sys.modules.pop("_common", None)
+    import throughput
+
+    (row,) = throughput.main(["--device", "cpu", "--quick"])
+    assert "fit throughput" in capsys.readouterr().out
+    assert row["coef_diff"] < 1e-8 and row["cv_coef_diff"] < 1e-8
+    assert row["cv_alpha"] == row["cv_alpha_cpu"]
