@@ -68,7 +68,13 @@ def test_streaming_moment_sums_equal_direct_centred_products(blas, weights):
         s = np.full(613, 2.5)
     elif weights == "with_zero_batch":
         s[100:250] = 0.0
-    acc = MomentSums(300, 3, "cpu", blas=blas)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1 if blas else max(2, threads))  # one torch thread also selects syrk
+    try:
+        acc = MomentSums(300, 3, "cpu", blas=blas)
+    finally:
+        torch.set_num_threads(threads)
+    assert (acc._syrk is not None) == blas
     edges = [0, 1, 100, 250, 251, 500, 613]
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         acc.add(*(torch.as_tensor(a[lo:hi]) for a in (Z, Q, s)))
