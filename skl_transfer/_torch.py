@@ -199,7 +199,8 @@ class MomentSums:
     with :func:`~skl_transfer._solvers.merge_moments` (each batch centred on its own mean,
     Chan, Golub & LeVeque's pairwise update), computed in place: one ``d x d`` float64
     accumulator, never a new one per batch. Each batch adds ``A^T A``
-    (``A = diag(sqrt(s)) (Z - m_batch)``) to the upper triangle only, block row by block row
+    (``A = diag(sqrt(s)) [Z - m_z, Q - m_q]``, so that one product holds ``G``, ``B`` and
+    ``qq``) to the upper triangle only, block row by block row
     (``addmm_`` into views: about 9/16 of a full product's flops with 8 blocks), then the
     rank-1 correction of the means. Everything runs in torch, on the device and in the thread
     pool of the forward pass: handing the products to numpy's or scipy's BLAS, whose idle
@@ -213,18 +214,18 @@ class MomentSums:
 
     def __init__(self, d, k, device, blas=False):
         f64 = dict(dtype=torch.float64, device=device)
-        self.weight, self.qq, self._A = 0.0, 0.0, None
-        self.mean_z, self.mean_q = torch.zeros(d, **f64), torch.zeros(k, **f64)
-        self.Bt = torch.zeros(k, d, **f64)  # B transposed: torch's f64 A^T R is 4x slower than R^T A
+        D = d + k  # rows [z, q]: one product gives G, B and qq (the trace of the q block)
+        self.d, self.weight, self._A = d, 0.0, None
+        self.mean = torch.zeros(D, **f64)
         self._syrk = None
         # one torch thread: no torch worker threads for BLAS's idle ones to spin against
         if torch.device(device).type == "cpu" and (blas or torch.get_num_threads() == 1):
-            self._G = np.zeros((d, d), order="F")
+            self._G = np.zeros((D, D), order="F")
             self._syrk = linalg.get_blas_funcs("syrk", (self._G,))
             self.G = torch.from_numpy(self._G)  # a view: updated in place by syrk and torch alike
         else:
-            self.G = torch.zeros(d, d, **f64)  # upper triangle only until moments()
-        edges = np.linspace(0, d, max(1, min(8, d // 128)) + 1).astype(int)
+            self.G = torch.zeros(D, D, **f64)  # upper triangle only until moments()
+        edges = np.linspace(0, D, max(1, min(8, D // 128)) + 1).astype(int)
         self.blocks = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
     def _add_gram(self, A, scale):
@@ -242,31 +243,25 @@ class MomentSums:
         S_b = float(s.sum())
         if S_b <= 0.0:
             return self
-        mean_z, mean_q = (s @ Z) / S_b, (s @ Q) / S_b
-        if self._A is None or self._A.shape[0] < Z.shape[0]:
-            self._A = torch.empty_like(Z)  # reused: a fresh batch-sized array costs page faults
-        A = torch.sub(Z, mean_z, out=self._A[: Z.shape[0]])
-        R = Q - mean_q
+        n, d = Z.shape
+        if self._A is None or self._A.shape[0] < n:  # reused: a fresh array costs page faults
+            self._A = torch.empty(n, self.G.shape[0], dtype=torch.float64, device=Z.device)
+        A = self._A[:n]
+        mean = torch.cat([s @ Z, s @ Q]) / S_b
+        torch.sub(Z, mean[:d], out=A[:, :d])
+        torch.sub(Q, mean[d:], out=A[:, d:])
         if bool(s.min() != s.max()):
-            r = s.sqrt()[:, None]
-            A.mul_(r)
-            R.mul_(r)
+            A.mul_(s.sqrt()[:, None])
             scale = 1.0
-        else:  # equal weights (the common case): scale the products instead of the rows
+        else:  # equal weights (the common case): scale the product instead of the rows
             scale = float(s[0])
         self._add_gram(A, scale)
-        self.Bt.addmm_(R.T, A, alpha=scale)
-        qq = scale * float((R * R).sum())
         S = self.weight + S_b
-        dz, dq = mean_z - self.mean_z, mean_q - self.mean_q
+        delta = mean - self.mean
         f = self.weight * S_b / S
         if f > 0.0:
-            self.G.addr_(dz, dz, alpha=f)
-            self.Bt.addr_(dq, dz, alpha=f)
-            qq += f * float(dq @ dq)
-        self.qq += qq
-        self.mean_z.add_(dz, alpha=S_b / S)
-        self.mean_q.add_(dq, alpha=S_b / S)
+            self.G.addr_(delta, delta, alpha=f)
+        self.mean.add_(delta, alpha=S_b / S)
         self.weight = S
         return self
 
@@ -274,9 +269,11 @@ class MomentSums:
         """The accumulated moments as numpy :class:`~skl_transfer._solvers.Moments`."""
         G = np.triu(to_numpy(self.G))
         G += np.triu(G, 1).T
+        mean, d = to_numpy(self.mean), self.d
         return _solvers.Moments(
-            self.weight, to_numpy(self.mean_z), to_numpy(self.mean_q), G, to_numpy(self.Bt).T.copy(), self.qq
-        )
+            self.weight, mean[:d].copy(), mean[d:].copy(), G[:d, :d].copy(), G[:d, d:].copy(),
+            float(np.trace(G[d:, d:])),
+        )  # fmt: skip
 
 
 def accumulate_moments(
