@@ -6,6 +6,9 @@ Benchmarks import only the public API of skl_transfer; what they share lives her
 from __future__ import annotations
 
 import csv
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -145,3 +148,13 @@ def peak_rss_growth_mib(fn):
     before = _status_mib("VmRSS")
     out = fn()
     return _status_mib("VmHWM") - before, out
+
+
+def run_fresh(script, *args):
+    """Run ``python script *args`` in a fresh process; its last stdout line, parsed as JSON.
+
+    Memory probes run this way, so that nothing the calling process holds counts.
+    """
+    cmd = [sys.executable, str(Path(script).resolve()), *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])

@@ -446,22 +446,20 @@ def run(args):
     test_candidates = [(s, v) for s in test_s for v in range(n_v)]
     test_ids = [test_candidates[i] for i in rng.permutation(len(test_candidates))[: cfg["n_test"]]]
 
+    def mixed(ids, conditions, seed, talkers):
+        """(clean, noisy) pairs, utterance i in conditions[i % len(conditions)]."""
+        rng = np.random.default_rng(seed)
+        return [
+            (corpus[p], mix(corpus[p], *conditions[i % len(conditions)], rng, talkers))
+            for i, p in enumerate(ids)
+        ]
+
     # source domain: each utterance in one (noise, SNR) condition, cycling through all twelve
-    conditions = [(k, snr) for k in SOURCE_NOISES for snr in SOURCE_SNRS]
-    src_rng = np.random.default_rng(1)
-    src_pairs = []
-    for i, p in enumerate(source):
-        kind, snr = conditions[i % len(conditions)]
-        src_pairs.append((corpus[p], mix(corpus[p], kind, snr, src_rng, None)))
+    src_pairs = mixed(source, [(k, snr) for k in SOURCE_NOISES for snr in SOURCE_SNRS], 1, None)
     X_src, Y_src, _ = frames(src_pairs, args.context)
 
     # target test set: fixed, every (noise, SNR) condition equally often
-    tgt_conditions = [(k, snr) for snr in TARGET_SNRS for k in TARGET_NOISES]
-    test_rng = np.random.default_rng(2)
-    test_pairs = []
-    for i, p in enumerate(test_ids):
-        kind, snr = tgt_conditions[i % len(tgt_conditions)]
-        test_pairs.append((corpus[p], mix(corpus[p], kind, snr, test_rng, talkers_test)))
+    test_pairs = mixed(test_ids, [(k, snr) for snr in TARGET_SNRS for k in TARGET_NOISES], 2, talkers_test)
     X_test, Y_test, g_test = frames(test_pairs, args.context)
     test = (X_test, Y_test, g_test, test_pairs)
 

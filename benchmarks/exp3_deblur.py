@@ -61,8 +61,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,7 +72,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import skimage.data
 import torch
-from _common import CACHE, peak_rss_growth_mib, save_figure, write_csv
+from _common import CACHE, peak_rss_growth_mib, run_fresh, save_figure, write_csv
 from skimage.color import gray2rgb, rgb2ycbcr
 from skimage.transform import resize
 from threadpoolctl import threadpool_limits
@@ -251,20 +249,7 @@ def measure_memory(net, X, y, threads):
     with tempfile.TemporaryDirectory() as directory:
         np.savez(Path(directory) / "data.npz", X=X, y=y)
         torch.save(net.state_dict(), Path(directory) / "net.pt")
-        out = subprocess.run(
-            [
-                sys.executable,
-                str(Path(__file__).resolve()),
-                "--threads",
-                str(threads),
-                "--_memory-probe",
-                directory,
-            ],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    return json.loads(out.strip().splitlines()[-1])
+        return run_fresh(__file__, "--threads", threads, "--_memory-probe", directory)
 
 
 def summarise(rows, sizes, methods):

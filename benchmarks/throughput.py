@@ -32,10 +32,7 @@ Writes benchmarks/results/throughput.csv and .png (``_quick`` with --quick).
 
 import argparse
 import json
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import matplotlib
 
@@ -43,7 +40,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import median_time, peak_rss_growth_mib, save_figure, srcnn_paper, write_csv
+from _common import median_time, peak_rss_growth_mib, run_fresh, save_figure, srcnn_paper, write_csv
 from sklearn.linear_model import Ridge
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -295,8 +292,7 @@ def _probe(kind, n):
 
 
 def memory(kind, n):
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_probe", kind, str(n)]
-    res = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
+    res = run_fresh(__file__, "--_probe", kind, n)
     growth = res["growth_mib"]
     if kind == "stream":
         what = (

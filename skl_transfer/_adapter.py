@@ -18,17 +18,11 @@ from ._dask import dask_moments, is_dask_array
 from ._torch import PerturbResidue, accumulate_moments, gather_design, is_tensor, to_numpy
 from ._validation import check_sample_weight
 
-
-class _PerturbMoments(NamedTuple):
-    """The moments of a perturb fit and the squared norms of its residue's terms (one cache entry)."""
-
-    weight: float
-    mean_z: np.ndarray
-    mean_q: np.ndarray
-    G: np.ndarray
-    B: np.ndarray
-    qq: float
-    terms_sq: dict
+# The moments of a perturb fit and the squared norms of its residue's terms (one cache entry):
+# the Moments fields first, so that the cache sizes it like any moments entry.
+_PerturbMoments = NamedTuple(
+    "_PerturbMoments", [*_solvers.Moments.__annotations__.items(), ("terms_sq", dict)]
+)
 
 
 def _host_bytes(X):

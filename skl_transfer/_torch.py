@@ -371,7 +371,7 @@ def head_outputs(batches, n_samples, heads, geometry=None, feature_shape=()):
 
     ``heads`` is a list of ``(coef, intercept)`` pairs; the features are computed once for all.
     """
-    if geometry is not None and geometry.kind != "linear" and len(heads) > 1:
+    if geometry is not None and geometry.kind != "linear":
         return _conv_heads_outputs(batches, n_samples, heads, geometry, feature_shape)
     outs = None
     with torch.inference_mode():
@@ -379,15 +379,12 @@ def head_outputs(batches, n_samples, heads, geometry=None, feature_shape=()):
             if outs is None:
                 params = [_as_device_arrays(Z.device, coef, b) for coef, b in heads]
             for j, (coef_t, b_t) in enumerate(params):
-                if geometry is None or geometry.kind == "linear":
-                    if Z.shape[1] != coef_t.shape[1]:
-                        raise ValueError(
-                            f"The extractor produced {Z.shape[1]} features, but the head was fitted "
-                            f"on {coef_t.shape[1]}."
-                        )
-                    Yb = Z @ coef_t.T + b_t
-                else:
-                    Yb = geometry.outputs(Z, feature_shape, coef_t, b_t)
+                if Z.shape[1] != coef_t.shape[1]:
+                    raise ValueError(
+                        f"The extractor produced {Z.shape[1]} features, but the head was fitted "
+                        f"on {coef_t.shape[1]}."
+                    )
+                Yb = Z @ coef_t.T + b_t
                 if outs is None:
                     outs = [None] * len(heads)
                 if outs[j] is None:
@@ -397,16 +394,16 @@ def head_outputs(batches, n_samples, heads, geometry=None, feature_shape=()):
 
 
 def _conv_heads_outputs(batches, n_samples, heads, geometry, feature_shape):
-    """:func:`head_outputs` of several conv heads: the patches of each chunk of samples are
-    formed once and multiplied by all the heads' weights at once (one matrix product instead
-    of a float64 convolution per head, which torch's CPU kernels run an order slower)."""
+    """:func:`head_outputs` of conv heads: the patches of each chunk of samples are formed
+    once and multiplied by all the heads' weights at once (one matrix product instead of a
+    float64 convolution per head, which torch's CPU kernels run an order slower)."""
     outs = None
     with torch.inference_mode():
         for sl, Z, *_ in batches:
             if outs is None:
                 device = Z.device
-                W = torch.cat([torch.as_tensor(c, dtype=torch.float64, device=device) for c, _ in heads])
-                b = torch.cat([torch.as_tensor(i, dtype=torch.float64, device=device) for _, i in heads])
+                W = torch.cat(_as_device_arrays(device, *(c for c, _ in heads)))
+                b = torch.cat(_as_device_arrays(device, *(i for _, i in heads)))
                 L = geometry.rows_per_sample(feature_shape)
                 H, c_out = len(heads), W.shape[0] // len(heads)
                 outs = [np.empty((n_samples, c_out * L)) for _ in heads]

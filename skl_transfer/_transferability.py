@@ -5,10 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from torch import nn
 
 from ._cv import LayerVariationalAdapterCV
-from ._diagnostics import Diagnostics, _pct
+from ._diagnostics import Diagnostics, _pct, _ratio
 from ._heads import as_prior
 from ._torch import to_numpy
 
@@ -119,27 +118,11 @@ class Transferability:
         return self.summary()
 
 
-def _ratio(a, b):
-    return float(a / b) if b > 0 else float("nan")
-
-
 def _zero_head(head):
     """The same layer with zero weights and a zero bias (a ridge probe from scratch)."""
     prior = as_prior(head)
     if prior.geometry is not None:  # Conv1d / Conv2d: same geometry, zero weights, with a bias
-        layer = type(head)(
-            head.in_channels,
-            head.out_channels,
-            head.kernel_size,
-            stride=head.stride,
-            padding=head.padding,
-            dilation=head.dilation,
-            bias=True,
-            dtype=head.weight.dtype,
-        )
-        nn.init.zeros_(layer.weight)
-        nn.init.zeros_(layer.bias)
-        return layer.requires_grad_(False)
+        return prior.geometry.layer(np.zeros_like(prior.W0), np.zeros(prior.W0.shape[0]), head.weight.dtype)
     return np.zeros_like(prior.W0), np.zeros(prior.W0.shape[0])
 
 
