@@ -27,43 +27,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import threading
 from collections import OrderedDict
 
 import numpy as np
 import torch
 
+from ._diskcache import DiskCache
+from ._fingerprint import weights_digest
+
 DEFAULT_LIMIT = 1 << 30  # bytes of feature rows kept in memory per process
-
-
-def _tensor_bytes(t):
-    t = t.detach().cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
-
-
-def weights_digest(net):
-    """Hash of the extractor itself: class, structure (``repr``), every parameter and buffer,
-    tensors held as plain attributes, and the names of forward hooks."""
-    h = hashlib.blake2b(digest_size=20)
-    for part in (type(net).__module__, type(net).__qualname__, repr(net)):
-        h.update(part.encode())
-        h.update(b"\0")
-    for name, t in (*net.named_parameters(), *net.named_buffers()):
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(_tensor_bytes(t))
-    for prefix, m in net.named_modules():
-        # hooks, and tensors held as plain attributes, change forward too
-        for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for hook in hooks.values():
-                h.update(f"{prefix}:hook:{getattr(hook, '__qualname__', repr(hook))}".encode())
-        for name, value in vars(m).items():
-            if isinstance(value, torch.Tensor):
-                h.update(f"{prefix}.{name}:{value.dtype}:{tuple(value.shape)}".encode())
-                h.update(_tensor_bytes(value))
-    return h.hexdigest()
 
 
 def model_key(digest, device, input_dtype, input_shape, input_kind):
@@ -167,40 +140,6 @@ class MemoryCache:
         with self._guard:
             self._rows.clear()
             self.nbytes = 0
-
-
-class DiskCache:
-    """Feature rows in ``<directory>/skl_transfer_features.sqlite``, shared between processes."""
-
-    FILENAME = "skl_transfer_features.sqlite"
-
-    def __init__(self, directory):
-        os.makedirs(directory, exist_ok=True)
-        self.path = os.path.join(os.fspath(directory), self.FILENAME)
-        with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute(
-                "CREATE TABLE IF NOT EXISTS rows (model TEXT, row BLOB, dtype TEXT, data BLOB, "
-                "PRIMARY KEY (model, row))"
-            )
-
-    def _connect(self):
-        return sqlite3.connect(self.path, timeout=600, isolation_level=None)
-
-    def get(self, con, mkey, keys):
-        found = {}
-        for start in range(0, len(keys), 500):
-            chunk = keys[start : start + 500]
-            q = f"SELECT row, dtype, data FROM rows WHERE model = ? AND row IN ({','.join('?' * len(chunk))})"
-            for row, tag, data in con.execute(q, (mkey, *chunk)):
-                found[row] = (tag, np.frombuffer(data, dtype=_storage_dtype(tag)))
-        return [found.get(k) for k in keys]
-
-    def put(self, con, mkey, keys, rows):
-        con.executemany(
-            "INSERT OR IGNORE INTO rows VALUES (?, ?, ?, ?)",
-            [(mkey, k, tag, r.tobytes()) for k, (tag, r) in zip(keys, rows, strict=True)],
-        )
 
 
 _MEMORY = MemoryCache()
@@ -315,7 +254,8 @@ class CachedExtractor:
                     con.execute("BEGIN IMMEDIATE")  # one writer at a time: misses computed once
                     got = self.disk.get(con, self.mkey, [keys[i] for i in missing])
                     for i, f in zip(missing, got, strict=True):
-                        found[i] = f
+                        if f is not None:
+                            found[i] = (f[0], np.frombuffer(f[1], dtype=_storage_dtype(f[0])))
                     self._compute_into(found, [i for i in missing if found[i] is None], compute, keys, con)
                     con.execute("COMMIT")
                 finally:
