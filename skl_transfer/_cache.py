@@ -249,30 +249,32 @@ class CachedExtractor:
             found = _MEMORY.get(self.mkey, keys) if self.use_memory else [None] * len(keys)
             missing = [i for i, f in enumerate(found) if f is None]
             if missing and self.disk is not None:
-                con = self.disk._connect()
-                try:
-                    con.execute("BEGIN IMMEDIATE")  # one writer at a time: misses computed once
-                    got = self.disk.get(con, self.mkey, [keys[i] for i in missing])
-                    for i, f in zip(missing, got, strict=True):
-                        if f is not None:
-                            found[i] = (f[0], np.frombuffer(f[1], dtype=_storage_dtype(f[0])))
-                    self._compute_into(found, [i for i in missing if found[i] is None], compute, keys, con)
-                    con.execute("COMMIT")
-                finally:
-                    con.close()
+                self._read_disk(found, missing, keys)
+                missing = [i for i in missing if found[i] is None]
+                if missing:
+                    with self.disk.lock(self.mkey):  # misses of one model computed once across processes
+                        self._read_disk(found, missing, keys)  # another process may have just stored them
+                        idx = [i for i in missing if found[i] is None]
+                        self._compute_into(found, idx, compute)
+                        if idx:
+                            tag = found[idx[0]][0]
+                            self.disk.put(self.mkey, [keys[i] for i in idx], tag, [found[i][1] for i in idx])
             elif missing:
-                self._compute_into(found, missing, compute, keys, None)
+                self._compute_into(found, missing, compute)
             if missing and self.use_memory:
                 _MEMORY.put(self.mkey, [keys[i] for i in missing], [found[i] for i in missing])
         tag = found[0][0]
         return from_storage(tag, np.stack([f[1] for f in found]))
 
-    def _compute_into(self, found, idx, compute, keys, con):
+    def _read_disk(self, found, idx, keys):
+        got = self.disk.get(self.mkey, [keys[i] for i in idx])
+        for i, f in zip(idx, got, strict=True):
+            if f is not None:
+                found[i] = (f[0], np.frombuffer(f[1], dtype=_storage_dtype(f[0])))
+
+    def _compute_into(self, found, idx, compute):
         if not idx:
             return
         tag, new = to_storage(compute(idx))
-        stored = [(tag, row.copy()) for row in new]  # own copies: a view would pin its batch
-        if con is not None:
-            self.disk.put(con, self.mkey, [keys[i] for i in idx], stored)
-        for i, f in zip(idx, stored, strict=True):
-            found[i] = f
+        for i, row in zip(idx, new, strict=True):
+            found[i] = (tag, row.copy())  # own copies: a view would pin its batch
