@@ -13,10 +13,10 @@ from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _solvers
-from ._base import AdapterRegressorMixin, BaseAdapter
+from ._base import AdapterRegressorMixin, BaseAdapter, MomentsMixin
 from ._dask import dask_moments, is_dask_array
 from ._torch import PerturbResidue, accumulate_moments, gather_design, is_tensor, to_numpy
-from ._validation import check_sample_weight
+from ._validation import check_sample_weight, native_byte_order
 
 # The moments of a perturb fit and the squared norms of its residue's terms (one cache entry):
 # the Moments fields first, so that the cache sizes it like any moments entry.
@@ -39,7 +39,7 @@ def _is_batch_iterable(X):
     return hasattr(X, "__iter__") and not hasattr(X, "__array__") and not hasattr(X, "shape")
 
 
-class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
+class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
     r"""Closed-form adaptation of a pretrained last layer to a new domain.
 
     With ``Z = extractor(X)`` (flattened to ``n_samples x d``) and the pretrained head
@@ -254,6 +254,12 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         self : object
             Fitted estimator.
         """
+        from ._base import _is_float32
+
+        # head=None without an extractor is Ridge: float32 X gives float32 coef_, as there
+        self._ridge_dtype = (
+            np.float32 if self.extractor is None and self.head is None and _is_float32(X) else None
+        )
         if _is_batch_iterable(X):
             return self._fit_batches(X, y, sample_weight, X_source, y_source)
         perturb = self._uses_source(X_source, y_source)
@@ -273,13 +279,41 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
                 p.net, p.X, X_source, p.Y, Y_source, p.s, spec.W0, spec.b0, spec.geometry, spec.feature_shape
             )
         n_rows = p.n_samples * spec.rows_per_sample  # samples x output positions for a conv head
+        data_tol = _solvers.data_rtol((n_rows, spec.d), spec.feature_eps)
         if n_rows >= spec.d:
             solver = "primal"
+            # The design rows stay available (features: X itself; an extractor's: the batches,
+            # kept by reference while n_rows x d fits DATA_MAX_ENTRIES) so that an ill-conditioned
+            # problem can be re-solved from them; a perturb residue is streamed only.
+            in_memory = residue is None and n_rows * spec.d <= _solvers.DATA_MAX_ENTRIES
+            tapped = []
+            if in_memory and p.net is not None:
+
+                def tap(batches):
+                    for batch in batches:
+                        tapped.append(batch)
+                        yield batch
+
+                p.batches = tap(p.batches)
+
+            def data():
+                if not in_memory:
+                    return None
+                if p.net is None:
+                    Z = p.X
+                    return Z, p.Y - Z @ spec.W0.T - spec.b0, p.s
+                # moments from the cache leave the stream unread: read it now (cached rows)
+                Z, T, w = gather_design(
+                    iter(tapped or p.batches), p.Y, p.s, spec.geometry, spec.feature_shape
+                )
+                return Z, T - Z @ spec.W0.T - spec.b0, w
+
             moments = self._primal_moments(p, residue)
             t1 = time.perf_counter()
             dWt, db, residual_sq = _solvers.ridge_primal(
-                moments, self.alpha, spec.fit_intercept, spec.rtol(n_rows)
+                moments, self.alpha, spec.fit_intercept, spec.rtol(n_rows), data=data, data_tol=data_tol
             )
+            tapped.clear()
             residue_sq = _solvers.uncentred(moments)[2]
         else:
             solver, moments = "dual", None
@@ -287,7 +321,7 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
             Q = T if perturb else T - Z @ spec.W0.T - spec.b0
             t1 = time.perf_counter()
             dWt, db, residual_sq = _solvers.ridge_dual(
-                Z, Q, w, self.alpha, spec.fit_intercept, spec.rtol(n_rows)
+                Z, Q, w, self.alpha, spec.fit_intercept, spec.rtol(n_rows), data_tol=data_tol
             )
             residue_sq = float(w @ (Q * Q).sum(1))
         self._log(
@@ -310,7 +344,12 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         if p.cached is not None:
             # a search fits every candidate on the same folds: their moments are computed once
             extra = () if residue is None else (["perturb"], _host_bytes(residue.X_source), residue.Y_source)
-            key = p.cached.moments_key(p.Y, p.s, spec.W0, spec.b0, [self.batch_size], *extra)
+            # every input of the moments: targets, weights, prior, the head's geometry (a conv
+            # head's padding and dilation decide its patches), feature shape and batching
+            key = p.cached.moments_key(
+                p.Y, p.s, spec.W0, spec.b0, [spec.geometry.signature()], list(spec.feature_shape),
+                [self.batch_size], *extra,
+            )  # fmt: skip
         entry = None if key is None else p.cached.get_moments(key)
         if entry is None:
             moments = p.moments(residue=residue)
@@ -356,12 +395,14 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
                 raise ValueError("X_source contains NaN or infinity; remove or impute those samples.")
             Xs = X_source
         else:
-            Xs = check_array(
-                to_numpy(X_source),
-                allow_nd=self.extractor is not None,
-                dtype=np.float64 if self.extractor is None else "numeric",
-                ensure_all_finite=True,
-                input_name="X_source",
+            Xs = native_byte_order(
+                check_array(
+                    to_numpy(X_source),
+                    allow_nd=self.extractor is not None,
+                    dtype=np.float64 if self.extractor is None else "numeric",
+                    ensure_all_finite=True,
+                    input_name="X_source",
+                )
             )
         if Xs.shape[0] != X.shape[0]:
             raise ValueError(
@@ -500,6 +541,11 @@ class LayerVariationalAdapter(AdapterRegressorMixin, BaseAdapter):
         (the batches of an iterable fit, solved once after the last)."""
         perturb = self._uses_source(X_source, y_source)
         moments = getattr(self, "_moments", None)
+        if moments is None and self.__dict__.get("_moments_dropped"):
+            raise ValueError(
+                "partial_fit cannot continue this fit: its moments were dropped by drop_moments(). "
+                "Call fit on all the data, or partial_fit on a fresh clone from the first batch."
+            )
         if moments is None and getattr(self, "solver_", None) == "dual":
             raise ValueError(
                 "partial_fit cannot continue a fit that used the dual solver (fewer samples "

@@ -15,7 +15,7 @@ import torch
 from sklearn.base import BaseEstimator, RegressorMixin, is_regressor
 from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval, StrOptions
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import _check_feature_names, check_is_fitted, validate_data
 
 from . import _diagnostics, _solvers
 from ._heads import AdaptedNetwork, LinearGeometry, Prior, as_prior
@@ -148,6 +148,9 @@ class BaseAdapter(BaseEstimator):
                 force_writeable=True,
             )
             return X, check_target(y, X.shape[0])
+        # the column names of a 2-D X (a DataFrame) are checked as sklearn does, extractor or not:
+        # recorded in fit, and reordered or renamed columns refused at predict
+        _check_feature_names(self, X, reset=reset)
         X = check_input(X)
         if not reset and tuple(X.shape[1:]) != self.input_shape_:
             raise ValueError(
@@ -161,8 +164,6 @@ class BaseAdapter(BaseEstimator):
         self.input_shape_ = tuple(X.shape[1:])
         if self.extractor is None:
             return
-        if hasattr(self, "feature_names_in_"):
-            del self.feature_names_in_  # left by an earlier fit without an extractor
         if X.ndim == 2:
             self.n_features_in_ = X.shape[1]
         elif hasattr(self, "n_features_in_"):
@@ -199,6 +200,7 @@ class BaseAdapter(BaseEstimator):
                 f"{type(self).__name__} requires y to be passed, but the target y is None; "
                 "pass the target-domain targets, shape (n_samples,) or (n_samples, k)."
             )
+        self.__dict__.pop("_moments_dropped", None)  # a fit starts again
         prior = as_prior(self.head)
         geometry = prior.geometry or LinearGeometry()
         conv = geometry.kind == "conv"
@@ -257,8 +259,10 @@ class BaseAdapter(BaseEstimator):
 
     def _features(self, net, X, desc="features", cached=None, use_cache=True):
         """The feature stream of X, with a tqdm progress bar over batches when verbose."""
-        if cached is None and use_cache:  # predict: the fitted copy's weights were hashed in fit
+        if cached is None and use_cache:  # predict: the fitted copy's digest, recomputed if it changed
             cached = cached_extractor(net, X, self.cache, getattr(self, "_weights_digest", None))
+            if cached is not None:
+                self._weights_digest = cached.digest  # what net matches now (its tensors' identities)
         batches = feature_batches(net, X, self._forward_batch_size, cached)
         n_batches = 0 if X.shape[0] == 0 else 1 + -(-(X.shape[0] - 1) // self._forward_batch_size)
         return self._progress(batches, n_batches if net is not None else None, desc)
@@ -281,11 +285,29 @@ class BaseAdapter(BaseEstimator):
         """Set the fitted attributes from the update ``(dW^T, db)``."""
         coef = spec.W0 + dWt.T
         intercept = spec.b0 + db
-        squeeze = spec.y_ndim == 1
-        self.coef_ = coef[0] if squeeze else coef
-        self.intercept_ = float(intercept[0]) if squeeze else intercept
-        self.delta_coef_ = dWt.T[0] if squeeze else dWt.T.copy()
-        self.delta_intercept_ = float(db[0]) if squeeze else db
+        if self._ridge_conventions(spec):
+            # exactly Ridge's (scikit-learn 1.9): coef_ (d,) for y of shape (n,) or (n, 1), else
+            # (k, d); intercept_ a numpy scalar for 1-D y, (k,) otherwise, and the float 0.0
+            # when no intercept is fitted; float32 X gives float32 coef_ and intercept_ (solved
+            # in float64, cast at the end)
+            dtype = self.__dict__.get("_ridge_dtype") or np.float64
+            squeeze = spec.y_ndim == 1 or spec.y_shape == (1,)
+
+            def ridge_like(c, b, dtype):
+                c = (c[0] if squeeze else c).astype(dtype)
+                if not spec.fit_intercept:
+                    return c, 0.0
+                return c, (dtype(b[0]) if spec.y_ndim == 1 else b.astype(dtype))
+
+            self.coef_, self.intercept_ = ridge_like(coef, intercept, dtype)
+            # the update itself stays float64 (diagnostics_ reads it), in the same shapes
+            self.delta_coef_, self.delta_intercept_ = ridge_like(dWt.T.copy(), db, np.float64)
+        else:
+            squeeze = spec.y_ndim == 1
+            self.coef_ = coef[0] if squeeze else coef
+            self.intercept_ = float(intercept[0]) if squeeze else intercept
+            self.delta_coef_ = dWt.T[0] if squeeze else dWt.T.copy()
+            self.delta_intercept_ = float(db[0]) if squeeze else db
         self.fit_intercept_ = spec.fit_intercept
         self.residue_norm_ = float(np.sqrt(residue_sq))
         self.residual_norm_ = float(np.sqrt(residual_sq))
@@ -293,7 +315,8 @@ class BaseAdapter(BaseEstimator):
         self.extractor_ = None if net is None else net.to("cpu")
         self._extractor_on_device = None
         self._spec = spec
-        self._weights_digest = digest  # hash of the copy's weights, reused by predict's cache
+        # the copy's Digest, reused by predict's cache only while extractor_ still matches it
+        self._weights_digest = digest
         self._prepare_diagnostics(spec, X, dWt, db)
 
     # -- diagnostics ------------------------------------------------------------------
@@ -379,8 +402,17 @@ class BaseAdapter(BaseEstimator):
 
     # -- prediction and export -------------------------------------------------------
 
+    def _ridge_conventions(self, spec):
+        """Whether the fitted attributes follow ``Ridge``'s conventions: no extractor, no head
+        (``head=None``: the estimator is ridge regression on X) and a regressor."""
+        return self.extractor is None and spec.prior.W0 is None and self._diagnosable()
+
     def _coef_2d(self):
-        return np.atleast_2d(self.coef_), np.atleast_1d(self.intercept_)
+        """``coef_`` as float64 (k, d) and ``intercept_`` as float64 (k,), whatever their stored
+        shapes and dtype."""
+        coef = np.atleast_2d(np.asarray(self.coef_, dtype=np.float64))
+        intercept = np.broadcast_to(np.asarray(self.intercept_, dtype=np.float64), (coef.shape[0],))
+        return coef, intercept.copy()
 
     def predict(self, X):
         """Predict with the adapted head.
@@ -396,12 +428,18 @@ class BaseAdapter(BaseEstimator):
             (n_samples, C_out, *spatial)
         """
         check_is_fitted(self)
+        spec = self._spec
+        ridge = self._ridge_conventions(spec)
+        # Ridge's predictions are float32 when both coef_ and X are (float64 otherwise)
+        float32 = ridge and np.asarray(self.coef_).dtype == np.float32 and _is_float32(X)
         X, _ = self._validate_X(X, reset=False)
         coef, intercept = self._coef_2d()
-        spec = self._spec
         batches = self._features(self._runtime_extractor(), X, desc="predict")
         out = head_outputs(batches, X.shape[0], [(coef, intercept)], spec.geometry, spec.feature_shape)[0]
-        return out.reshape(X.shape[0], *spec.y_shape)
+        if ridge and spec.y_shape == (1,):
+            return out[:, 0].astype(np.float32 if float32 else np.float64)  # Ridge: (n,) for y (n, 1)
+        out = out.reshape(X.shape[0], *spec.y_shape)
+        return out.astype(np.float32) if float32 else out
 
     def to_module(self):
         """The adapted network as a torch module (CPU, eval mode, gradients off).
@@ -433,9 +471,32 @@ class BaseAdapter(BaseEstimator):
         return tags
 
     def __getstate__(self):
-        state = super().__getstate__()
+        state = dict(super().__getstate__())  # a copy: Python 3.11 returns self.__dict__ itself
         state.pop("_extractor_on_device", None)
+        if "_weights_digest" in state:
+            state["_weights_digest"] = None  # never trusted from a pickle: recomputed after loading
+        pending = state.get("_diag_state")
+        if pending is not None and pending[3] is not None:
+            # a dual fit keeps references to its training features until diagnostics_ is read;
+            # a pickle carries the (small) diagnostics instead, never training rows
+            state["_diagnostics"] = self.diagnostics_
+            state["_diag_state"] = None
         return state
+
+
+def _is_float32(X):
+    """Whether X (numpy, a DataFrame of float32 columns, a tensor) is float32, as sklearn's
+    ``check_array(X, dtype=[np.float64, np.float32])`` would keep it."""
+    dtypes = getattr(X, "dtypes", None)
+    if dtypes is not None and not hasattr(X, "dtype"):  # a DataFrame
+        try:
+            return len(dtypes) > 0 and all(np.dtype(t) == np.float32 for t in dtypes)
+        except TypeError:
+            return False
+    dtype = getattr(X, "dtype", None)
+    if isinstance(dtype, torch.dtype):
+        return dtype == torch.float32
+    return dtype is not None and np.dtype(dtype) == np.float32
 
 
 @dataclass
@@ -453,6 +514,34 @@ def _tap(batches, into):
     for batch in batches:
         into.append(batch)
         yield batch
+
+
+class MomentsMixin:
+    """``drop_moments`` for the estimators that keep a primal fit's ``d x d`` moments."""
+
+    def drop_moments(self):
+        """Forget the sufficient statistics kept after a primal fit.
+
+        A primal fit keeps the ``d x d`` moments of its features (32 MiB at d = 2048) so that
+        ``partial_fit`` can continue it and ``diagnostics_`` can be computed on first access;
+        they are pickled with the estimator. This computes ``diagnostics_`` (so that it stays
+        readable) and drops them: predictions and ``to_module()`` are unchanged, ``partial_fit``
+        can no longer continue this fit.
+
+        Returns
+        -------
+        self : object
+            The estimator, without its moments.
+        """
+        check_is_fitted(self)
+        try:
+            self.diagnostics_  # noqa: B018 - computed now, from the moments about to go
+        except AttributeError:
+            pass
+        if self.__dict__.get("_moments") is not None:
+            self._moments = None
+            self._moments_dropped = True
+        return self
 
 
 class AdapterRegressorMixin(RegressorMixin):

@@ -33,6 +33,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
+from . import _diskcache
 from ._diskcache import DiskCache
 from ._fingerprint import weights_digest
 
@@ -46,14 +47,79 @@ def model_key(digest, device, input_dtype, input_shape, input_kind):
 
 
 def row_keys(rows):
-    """One SHA-256 hash (32 bytes) per row of a C-contiguous numpy array.
+    """One 128-bit key per row of a C-contiguous numpy array, as an (n, 2) uint64 array.
 
-    SHA-256 runs on the CPU's hash instructions where present, about twice as fast as
-    BLAKE2 here; hashing is the main cost of a fit whose features are all cached.
+    Rows of up to :data:`_MULTILINEAR_BYTES` bytes are hashed all at once by the multilinear
+    family (Lemire and Kaser, 2014): the row, zero-padded to 32-bit words ``w_j``, gives in
+    each of four lanes ``(k_0 + sum_j k_j w_j mod 2**64) >> 32``, one integer matrix product
+    for a block of rows. The 64-bit keys ``k`` are drawn from ``os.urandom`` once per process
+    (the memory cache lives in one process), so the family is strongly universal: two given
+    distinct rows of one width collide with probability 2**-128, whatever their contents, and
+    the keys cannot be known to whoever chose the data. Wider rows are hashed one by one
+    with SHA-256 (truncated to 128 bits), which then costs little next to their bytes.
+    Rows of different widths never share a cache (the model key holds the input shape).
     """
     flat = rows.reshape(rows.shape[0], -1)
     if flat.dtype == object:
         raise TypeError("object arrays cannot be hashed for the feature cache; pass a numeric X.")
+    raw = flat.view(np.uint8)
+    n, width = raw.shape
+    out = np.empty((n, 2), np.uint64)
+    if width > _MULTILINEAR_BYTES:
+        view = out.view(np.uint8)
+        for i, r in enumerate(raw):
+            view[i] = np.frombuffer(hashlib.sha256(r).digest()[:16], np.uint8)
+        return out
+    if width % 4:
+        raw = np.concatenate([raw, np.zeros((n, 4 - width % 4), np.uint8)], axis=1)
+    words = raw.view("<u4")
+    m = words.shape[1]
+    K, k0 = _multilinear_keys(m)
+    # uint64 products and sums wrap modulo 2**64, as the family needs
+    if m <= 4:  # narrow rows: a few whole-column operations beat a product's inner loops
+        lanes = np.empty((4, n), np.uint64)
+        step = 1 << 14
+        tmp = np.empty(min(n, step), np.uint64)
+        for start in range(0, n, step):
+            cols = np.ascontiguousarray(words[start : start + step].T, dtype=np.uint64)
+            t = tmp[: cols.shape[1]]
+            for lane in range(4):
+                acc = lanes[lane, start : start + step]
+                acc.fill(k0[lane])
+                for j in range(m):
+                    np.multiply(cols[j], K[j, lane], out=t)
+                    acc += t
+        lanes = lanes.T
+    else:
+        lanes = np.empty((n, 4), np.uint64)
+        step = max(1, (1 << 17) // m)
+        for start in range(0, n, step):
+            np.matmul(words[start : start + step].astype(np.uint64), K, out=lanes[start : start + step])
+        lanes += k0
+    lanes >>= np.uint64(32)
+    out[:, 0] = (lanes[:, 0] << np.uint64(32)) | lanes[:, 1]
+    out[:, 1] = (lanes[:, 2] << np.uint64(32)) | lanes[:, 3]
+    return out
+
+
+_MULTILINEAR_BYTES = 2048  # wider rows: SHA-256 per row (as fast per byte as the product here)
+_MULTILINEAR_SEED = os.urandom(32)
+_MULTILINEAR_KEYS = {}  # number of 32-bit words -> (K (m, 4), k_0 (4,)) uint64
+
+
+def _multilinear_keys(m):
+    keys = _MULTILINEAR_KEYS.get(m)
+    if keys is None:
+        rng = np.random.default_rng(list(_MULTILINEAR_SEED + m.to_bytes(4, "little")))
+        K = np.frombuffer(rng.bytes(8 * 4 * (m + 1)), "<u8").reshape(m + 1, 4).astype(np.uint64)
+        keys = _MULTILINEAR_KEYS.setdefault(m, (K[1:], K[0].copy()))
+    return keys
+
+
+def disk_keys(rows):
+    """SHA-256 of each row's bytes (32 bytes): the directory cache's row keys, the same in
+    every process (the memory keys of :func:`row_keys` are drawn per process)."""
+    flat = rows.reshape(rows.shape[0], -1)
     return [hashlib.sha256(memoryview(r)).digest() for r in flat.view(np.uint8)]
 
 
@@ -87,24 +153,214 @@ def _storage_dtype(tag):
     return np.int16 if name == "bfloat16" else torch.empty(0, dtype=getattr(torch, name)).numpy().dtype
 
 
-_ENTRY_OVERHEAD = 250  # bytes of key, tuple, array header and dict slot per entry (measured ~230)
+# Bytes of Python objects per unit of the memory cache, beyond its numpy arrays' nbytes
+# (measured with tracemalloc: object, numpy headers, LRU entry; tests/test_cache_memory.py).
+_CHUNK_OVERHEAD = 700
+_SEGMENT_OVERHEAD = 500
+_SHELF_OVERHEAD = 1500
+_MOMENTS_OVERHEAD = 1200
+_DICT_ITEM_OVERHEAD = 150
+_CHUNK_BYTES = 4 << 20  # feature bytes per chunk (the unit of eviction), at most
+_RESERVED, _LIVE, _EVICTED = 0, 1, 2
+_SLOT_BITS = 32
+_SLOT_MASK = (1 << _SLOT_BITS) - 1
 
 
-def _nbytes(entry):
-    tag, value = entry
-    data = sum(a.nbytes for a in value[1:5]) if tag == "moments" else value.nbytes
-    return data + _ENTRY_OVERHEAD
+def _argsort_keys(hi):
+    """``np.argsort(hi)`` for random 64-bit keys, about three times faster: a plain sort of
+    the keys with their low bits replaced by the index (numpy's vectorised sort), checked."""
+    n = len(hi)
+    bits = max(1, (n - 1).bit_length())
+    if n < 2 or bits > 40:
+        return np.argsort(hi)
+    low = np.uint64((1 << bits) - 1)
+    packed = hi & ~low
+    packed |= np.arange(n, dtype=np.uint64)
+    packed.sort()
+    order = (packed & low).astype(np.int64)
+    sh = hi[order]
+    if not bool((sh[1:] >= sh[:-1]).all()):  # keys equal in their high bits (rare)
+        return np.argsort(hi)
+    return order
+
+
+class _Chunk:
+    """Stored rows of slots ``[no * R, no * R + len(data))`` of a segment."""
+
+    __slots__ = ("seg", "no", "data", "filled", "n_filled", "nbytes")
+
+    def __init__(self, seg, no, rows, width, dtype):
+        self.seg, self.no, self.n_filled = seg, no, 0
+        self.data = np.empty((rows, width), dtype)
+        self.filled = np.zeros(rows, bool)
+        self.nbytes = self.data.nbytes + self.filled.nbytes + _CHUNK_OVERHEAD
+
+    def drop(self, cache):
+        seg = self.seg
+        seg.chunks.pop(self.no, None)
+        seg.state[self.no] = _EVICTED
+        cache.nbytes -= self.nbytes
+        cache.rows -= self.n_filled
+        shelf = seg.shelf
+        shelf.n_dead += len(self.filled)
+        if not seg.chunks and bool((seg.state == _EVICTED).all()):
+            shelf.segments.pop(seg.id, None)  # its index entries are dead: dropped at the next merge
+            shelf.resize(cache)
+
+
+class _Segment:
+    """The slots reserved for the rows that one :class:`CachedExtractor` found missing, in the
+    order of its X; stored in chunks of ``shelf.R`` rows, allocated when first filled."""
+
+    __slots__ = ("shelf", "id", "size", "chunks", "state")
+
+    def __init__(self, shelf, id, size):
+        self.shelf, self.id, self.size, self.chunks = shelf, id, size, {}
+        self.state = None if shelf.R is None else np.zeros(-(-size // shelf.R), np.int8)
+
+
+class _Shelf:
+    """Everything the memory cache holds for one model key: an index from row key to slot
+    (sorted runs of keys, searched with ``np.searchsorted``) and the segments of slots."""
+
+    __slots__ = ("mkey", "alive", "runs", "segments", "next_id", "tag", "dtype", "width", "R")
+    __slots__ += ("n_dead", "nbytes")
+
+    def __init__(self, mkey):
+        self.mkey, self.alive, self.runs, self.segments, self.next_id = mkey, True, [], {}, 0
+        self.tag = self.dtype = self.width = self.R = None
+        self.n_dead, self.nbytes = 0, 0
+
+    def resize(self, cache):
+        """Recount the index's bytes (runs, segments) into the cache's total."""
+        nbytes = _SHELF_OVERHEAD + sum(a.nbytes for run in self.runs for a in run)
+        nbytes += sum(
+            _SEGMENT_OVERHEAD + (0 if s.state is None else s.state.nbytes) for s in self.segments.values()
+        )
+        cache.nbytes += nbytes - self.nbytes
+        self.nbytes = nbytes
+
+    def drop(self, cache):
+        self.alive = False
+        for seg in list(self.segments.values()):
+            for chunk in list(seg.chunks.values()):
+                cache._lru.pop(chunk, None)
+                chunk.drop(cache)
+        self.segments.clear()
+        self.runs = []
+        cache.nbytes -= self.nbytes
+        self.nbytes = 0
+        cache._shelves.pop(self.mkey, None)
+
+    def live(self, loc):
+        """Whether the slots ``loc`` are still held (reserved or stored, not evicted)."""
+        if self.R is None or self.n_dead == 0:
+            return np.ones(len(loc), bool)
+        seg_ids = loc >> _SLOT_BITS
+        chunk_no = (loc & _SLOT_MASK) // self.R
+        out = np.zeros(len(loc), bool)
+        for sid in np.unique(seg_ids):
+            seg = self.segments.get(int(sid))
+            if seg is not None:
+                at = seg_ids == sid
+                out[at] = seg.state[chunk_no[at]] != _EVICTED
+        return out
+
+    def lookup(self, hi, lo):
+        """Slot of each key (``-1`` where none is held), searched in every run."""
+        loc = np.full(len(hi), -1, np.int64)
+        for rh, rl, rloc in self.runs:
+            todo = np.flatnonzero(loc < 0)
+            if not todo.size:
+                break
+            q = hi[todo]
+            pos = np.minimum(np.searchsorted(rh, q), len(rh) - 1)
+            eq = rh[pos] == q
+            ok = eq & (rl[pos] == lo[todo])
+            for i in np.flatnonzero(eq & ~ok):  # another key with the same high word (rare)
+                j = pos[i] + 1
+                while j < len(rh) and rh[j] == q[i]:
+                    if rl[j] == lo[todo[i]]:
+                        ok[i], pos[i] = True, j
+                        break
+                    j += 1
+            cand = rloc[pos[ok]]
+            live = self.live(cand)
+            loc[todo[ok][live]] = cand[live]
+        return loc
+
+    def add_run(self, run):
+        """Add a sorted run of new keys; merge runs so that their sizes at least double
+        from newest to oldest (a few runs, each key copied O(log n) times), dropping the
+        entries of evicted chunks."""
+        self.runs.append(run)
+        compact = self.n_dead * 2 > sum(len(r[0]) for r in self.runs)
+        while len(self.runs) >= 2 and (compact or len(self.runs[-2][0]) <= 2 * len(self.runs[-1][0])):
+            b, a = self.runs.pop(), self.runs.pop()
+            self.runs.append(self._merge(a, b))
+        if compact:
+            self.n_dead = 0  # every run merged into one, without the dead entries
+
+    def _merge(self, *runs):
+        hi, lo, loc = (np.concatenate(parts) for parts in zip(*runs, strict=True))
+        keep = self.live(loc)
+        if not keep.all():
+            self.n_dead = max(0, self.n_dead - int((~keep).sum()))
+            hi, lo, loc = hi[keep], lo[keep], loc[keep]
+        order = np.argsort(hi, kind="stable")  # timsort: a linear merge of sorted runs
+        return hi[order], lo[order], loc[order]
+
+
+class _MomentsEntry:
+    __slots__ = ("key", "value", "nbytes")
+
+    def __init__(self, key, value):
+        self.key, self.value = key, value
+        arrays, extra = {}, 0
+        fields = list(value) if isinstance(value, tuple) else [value]
+        for v in fields:
+            if isinstance(v, dict):  # a perturb fit's squared norms of its residue's terms
+                fields += v.values()
+                extra += _DICT_ITEM_OVERHEAD * len(v)
+            elif isinstance(v, np.ndarray):
+                while isinstance(v.base, np.ndarray):  # a view holds its base
+                    v = v.base
+                arrays[id(v)] = v.nbytes
+        self.nbytes = sum(arrays.values()) + _MOMENTS_OVERHEAD + extra
+
+    def drop(self, cache):
+        cache._moments.pop(self.key, None)
+        cache.nbytes -= self.nbytes
 
 
 class MemoryCache:
-    """Least-recently-used map, bounded in bytes, from (model key, row key) to a stored
-    feature row ``(dtype tag, array)``, and from (model key, data key) to the
-    ``("moments", Moments)`` of a whole training set."""
+    """This process's feature rows, bounded in bytes, least recently used evicted first.
+
+    Per model key, a *shelf*: the keys of all rows it has seen, in a few sorted runs (the
+    128-bit keys as two uint64 arrays, and each key's slot), and the rows themselves in
+    contiguous chunks. :meth:`reserve` looks up all of X at once and reserves a slot for
+    each distinct missing key, in the order of X (a *segment*); whoever computes a slot's
+    row first fills it (:meth:`store`), so that threads sharing rows compute each once.
+
+    The bound counts everything the cache holds: each chunk's rows and fill mask, each
+    index's arrays, the moments of whole fits (:meth:`put_moments`), and a measured
+    overhead per Python object. Eviction drops whole least-recently-used units: a chunk
+    (up to ``_CHUNK_BYTES`` of rows), a moments entry, and lastly a whole shelf, which is
+    always used after its own chunks.
+    """
 
     def __init__(self, max_bytes=DEFAULT_LIMIT):
         self.max_bytes = max_bytes
         self.nbytes = 0
-        self._rows = OrderedDict()
+        self.rows = 0
+        self._lru = OrderedDict()  # unit (chunk, shelf, moments entry) -> None, oldest first
+        self._shelves = {}  # model key -> _Shelf
+        self._moments = {}  # (model key, data key) -> _MomentsEntry
+        self._guard = threading.Lock()
+        self._locks = {}
+
+    def reset_locks(self):
+        """Fresh locks (in a forked child: the parent's threads that held them are gone)."""
         self._guard = threading.Lock()
         self._locks = {}
 
@@ -112,34 +368,234 @@ class MemoryCache:
         with self._guard:
             return self._locks.setdefault(mkey, threading.RLock())
 
-    def get(self, mkey, keys):
-        out = []
-        with self._guard:
-            for k in keys:
-                row = self._rows.get((mkey, k))
-                if row is not None:
-                    self._rows.move_to_end((mkey, k))
-                out.append(row)
-        return out
-
-    def put(self, mkey, keys, rows):
-        with self._guard:
-            if self.max_bytes > 0:
-                for k, row in zip(keys, rows, strict=True):
-                    if (mkey, k) not in self._rows:
-                        self._rows[(mkey, k)] = row
-                        self.nbytes += _nbytes(row)
-            self._evict()
+    def _touch(self, unit):
+        self._lru.move_to_end(unit)
 
     def _evict(self):
-        while self.nbytes > self.max_bytes and self._rows:
-            _, old = self._rows.popitem(last=False)
-            self.nbytes -= _nbytes(old)
+        while self.nbytes > self.max_bytes and self._lru:
+            unit, _ = self._lru.popitem(last=False)
+            unit.drop(self)
 
     def clear(self):
         with self._guard:
-            self._rows.clear()
-            self.nbytes = 0
+            for unit in list(self._lru):
+                if isinstance(unit, _Shelf):
+                    unit.alive = False
+            self._lru.clear()
+            self._shelves.clear()
+            self._moments.clear()
+            self.nbytes = self.rows = 0
+
+    # -- rows ----------------------------------------------------------------------------
+
+    def reserve(self, mkey, keys):
+        """``(shelf, slots)`` for the rows with these keys ((n, 2) uint64): the slot of each
+        key held, a new slot (reserved, in the order of first appearance) for each other
+        distinct key. ``(None, None)`` when the cache is off."""
+        hi, lo = keys[:, 0], keys[:, 1]
+        with self._guard:
+            if self.max_bytes <= 0:
+                return None, None
+            shelf = self._shelves.get(mkey)
+            if shelf is None:
+                shelf = self._shelves[mkey] = _Shelf(mkey)
+                self._lru[shelf] = None
+            if shelf.runs:
+                loc = shelf.lookup(hi, lo)
+                miss = np.flatnonzero(loc < 0)
+            else:  # a model key seen for the first time: nothing to look up
+                loc = np.full(len(hi), -1, np.int64)
+                miss = np.arange(len(hi))
+            if miss.size:
+                mh, ml = hi[miss], lo[miss]
+                order = _argsort_keys(mh)
+                sh, sl = mh[order], ml[order]
+                if bool(((sh[1:] == sh[:-1]) & (sl[1:] != sl[:-1])).any()):
+                    order = np.lexsort((ml, mh))  # equal high words of different keys (rare)
+                    sh, sl = mh[order], ml[order]
+                first = np.ones(len(order), bool)
+                first[1:] = (sh[1:] != sh[:-1]) | (sl[1:] != sl[:-1])
+                group = np.cumsum(first) - 1
+                # slots in the order of X: each distinct key at its first appearance
+                starts = np.minimum.reduceat(order, np.flatnonzero(first))
+                is_start = np.zeros(len(order), bool)
+                is_start[starts] = True
+                rank = (np.cumsum(is_start) - 1)[starts]
+                seg = _Segment(shelf, shelf.next_id, len(starts))
+                shelf.next_id += 1
+                shelf.segments[seg.id] = seg
+                slots = (seg.id << _SLOT_BITS) | rank
+                loc[miss[order]] = slots[group]
+                shelf.add_run((sh[first], sl[first], slots))
+                shelf.resize(self)
+            self._touch(shelf)
+            self._evict()
+            return shelf, loc
+
+    def read(self, shelf, loc):
+        """``(rows, found)``: the stored rows of the slots ``loc`` ((b, width), rows not found
+        left uninitialised) or None when the shelf has stored nothing, and which were found."""
+        found = np.zeros(len(loc), bool)
+        with self._guard:
+            if not shelf.alive or shelf.R is None:
+                return None, found
+            out = np.empty((len(loc), shelf.width), shelf.dtype)
+            for at, seg, no, off in self._chunks_of(shelf, loc):
+                if seg.state[no] != _LIVE:
+                    continue
+                chunk = seg.chunks[no]
+                has = chunk.filled[off]
+                if has.all():
+                    out[at] = chunk.data[off]
+                    found[at] = True
+                elif has.any():
+                    out[at[has]] = chunk.data[off[has]]
+                    found[at[has]] = True
+                self._touch(chunk)
+            self._touch(shelf)
+        return out, found
+
+    def read_range(self, shelf, loc0, b):
+        """The rows of the ``b`` consecutive slots from ``loc0`` when all are stored (a copy),
+        False when none is, None when some are or they span chunks (use :meth:`read`)."""
+        with self._guard:
+            if not shelf.alive or shelf.R is None:
+                return False
+            seg = shelf.segments.get(loc0 >> _SLOT_BITS)
+            slot = loc0 & _SLOT_MASK
+            no = slot // shelf.R
+            if (slot + b - 1) // shelf.R != no:
+                return None
+            if seg is None or seg.state[no] != _LIVE:
+                return False
+            chunk = seg.chunks[no]
+            off = slot - no * shelf.R
+            has = chunk.filled[off : off + b]
+            self._touch(chunk)
+            self._touch(shelf)
+            if has.all():
+                return chunk.data[off : off + b].copy()
+            return None if has.any() else False
+
+    def store_range(self, shelf, loc0, tag, rows):
+        """:meth:`store` for consecutive slots from ``loc0``."""
+        b = len(rows)
+        R = shelf.R
+        slot = loc0 & _SLOT_MASK
+        if R is None or (slot + b - 1) // R != slot // R:
+            return self.store(shelf, loc0 + np.arange(b), tag, rows)
+        with self._guard:
+            if not shelf.alive or self.max_bytes <= 0:
+                return
+            if (tag, rows.dtype, rows.shape[1]) != (shelf.tag, shelf.dtype, shelf.width):
+                return
+            seg = shelf.segments.get(loc0 >> _SLOT_BITS)
+            no = slot // R
+            if seg is None or seg.state[no] == _EVICTED:
+                return
+            chunk = seg.chunks.get(no)
+            if chunk is None:
+                chunk = self._allocate(shelf, seg, no)
+                if chunk is None:
+                    return
+            else:
+                self._touch(chunk)
+            off = slot - no * R
+            new = b - int(np.count_nonzero(chunk.filled[off : off + b]))
+            chunk.data[off : off + b] = rows
+            chunk.filled[off : off + b] = True
+            chunk.n_filled += new
+            self.rows += new
+            self._touch(shelf)
+
+    def _allocate(self, shelf, seg, no):
+        """A new chunk (evicting as needed), or None when it was evicted at once."""
+        n = min(shelf.R, seg.size - no * shelf.R)
+        chunk = seg.chunks[no] = _Chunk(seg, no, n, shelf.width, shelf.dtype)
+        seg.state[no] = _LIVE
+        self._lru[chunk] = None
+        self.nbytes += chunk.nbytes
+        self._touch(shelf)
+        self._evict()
+        return chunk if shelf.alive and seg.state[no] == _LIVE else None
+
+    def store(self, shelf, loc, tag, rows):
+        """Fill the slots ``loc`` (distinct) with ``rows`` ((k, width) in storage dtype);
+        slots of evicted chunks are left out."""
+        with self._guard:
+            if not shelf.alive or self.max_bytes <= 0:
+                return
+            if shelf.R is None:
+                shelf.tag, shelf.dtype, shelf.width = tag, rows.dtype, rows.shape[1]
+                row_bytes = max(1, rows.shape[1] * rows.dtype.itemsize)
+                fit = max(1, min(_CHUNK_BYTES, self.max_bytes // 32) // row_bytes)
+                shelf.R = 1 << (fit.bit_length() - 1)  # a power of two: chunk = slot >> log2(R)
+                for seg in shelf.segments.values():
+                    seg.state = np.zeros(-(-seg.size // shelf.R), np.int8)
+                shelf.resize(self)
+            elif (tag, rows.dtype, rows.shape[1]) != (shelf.tag, shelf.dtype, shelf.width):
+                return  # not the rows stored so far (their shape changed): not cached
+            for at, seg, no, off in self._chunks_of(shelf, loc):
+                if not shelf.alive or seg.state[no] == _EVICTED:
+                    continue
+                chunk = seg.chunks.get(no)
+                if chunk is None:
+                    chunk = self._allocate(shelf, seg, no)
+                    if chunk is None:
+                        continue
+                else:
+                    self._touch(chunk)
+                fresh = off[~chunk.filled[off]]
+                if len(fresh) > 1 and not bool((fresh[1:] > fresh[:-1]).all()):
+                    fresh = np.unique(fresh)  # a sample repeated in the batch
+                new = len(fresh)
+                chunk.data[off] = rows[at]
+                chunk.filled[off] = True
+                chunk.n_filled += new
+                self.rows += new
+            if shelf.alive:
+                self._touch(shelf)
+
+    @staticmethod
+    def _chunks_of(shelf, loc):
+        """``(positions, segment, chunk number, offsets)`` for each chunk that slots ``loc`` fall in."""
+        seg_ids = loc >> _SLOT_BITS
+        slots = loc & _SLOT_MASK
+        chunk_no = slots // shelf.R
+        unit = (seg_ids << _SLOT_BITS) | chunk_no
+        if len(unit) and unit[0] == unit[-1] and bool((unit == unit[0]).all()):
+            groups = [(unit[0], slice(None))]
+        else:
+            values, inverse = np.unique(unit, return_inverse=True)
+            groups = [(u, np.flatnonzero(inverse == i)) for i, u in enumerate(values)]
+        out = []
+        for u, at in groups:
+            seg = shelf.segments.get(int(u) >> _SLOT_BITS)
+            if seg is None:
+                continue
+            no = int(u) & _SLOT_MASK
+            pos = np.arange(len(loc))[at]
+            out.append((pos, seg, no, slots[at] - no * shelf.R))
+        return out
+
+    # -- moments -------------------------------------------------------------------------
+
+    def get_moments(self, mkey, key):
+        with self._guard:
+            entry = self._moments.get((mkey, key))
+            if entry is None:
+                return None
+            self._touch(entry)
+            return entry.value
+
+    def put_moments(self, mkey, key, value):
+        with self._guard:
+            if self.max_bytes <= 0 or (mkey, key) in self._moments:
+                return
+            entry = self._moments[(mkey, key)] = _MomentsEntry((mkey, key), value)
+            self._lru[entry] = None
+            self.nbytes += entry.nbytes
+            self._evict()
 
 
 _MEMORY = MemoryCache()
@@ -150,7 +606,9 @@ _DISKS_GUARD = threading.Lock()
 def set_cache_limit(max_bytes):
     """Bound the in-memory feature cache of this process (bytes; 0 disables it).
 
-    The default is 1 GiB. Lowering the bound evicts the least recently used rows.
+    The default is 1 GiB. The bound counts everything the cache holds: feature rows, the
+    index of their keys (24 bytes a row) and the moments of whole fits, Python objects
+    included. Lowering it evicts the least recently used chunks of rows.
     """
     if max_bytes < 0:
         raise ValueError(f"max_bytes must be >= 0, got {max_bytes}.")
@@ -160,24 +618,34 @@ def set_cache_limit(max_bytes):
 
 
 def clear_cache(directory=None):
-    """Empty this process's in-memory feature cache, and the cache file in ``directory`` if given."""
+    """Empty this process's in-memory feature cache, and the cache in ``directory`` if given.
+
+    A cache file written by skl_transfer in a trusted directory is emptied in place (other
+    processes using it go on); any other file in its place (corrupted, not SQLite, a foreign
+    schema) is deleted. The per-model lock files are removed too. This is the fix that the
+    errors of a broken cache directory name.
+    """
     _MEMORY.clear()
     if directory is not None:
-        path = os.path.join(os.fspath(directory), DiskCache.FILENAME)
-        for suffix in ("", "-wal", "-shm"):
-            if os.path.exists(path + suffix):
-                os.remove(path + suffix)
+        directory = os.path.abspath(os.fspath(directory))
         with _DISKS_GUARD:
-            _DISKS.pop(path, None)
+            _DISKS.pop(os.path.join(directory, DiskCache.FILENAME), None)
+        _diskcache.clear_directory(directory)
 
 
 def cache_info():
     """Rows and bytes held by this process's in-memory feature cache, and its bound."""
-    return {"rows": len(_MEMORY._rows), "bytes": _MEMORY.nbytes, "max_bytes": _MEMORY.max_bytes}
+    with _MEMORY._guard:
+        return {"rows": _MEMORY.rows, "bytes": _MEMORY.nbytes, "max_bytes": _MEMORY.max_bytes}
 
 
 def resolve(cache):
-    """The estimator's ``cache`` parameter -> (use memory cache, DiskCache or None)."""
+    """The estimator's ``cache`` parameter -> (use memory cache, DiskCache or None).
+
+    A directory's DiskCache is made once per process (its checks raise
+    :class:`~skl_transfer._diskcache.CacheDirectoryError`); its trust is re-checked (a few
+    ``stat`` calls) on every use.
+    """
     if cache is False or cache is None:
         return False, None
     if cache is True:
@@ -185,11 +653,22 @@ def resolve(cache):
     location = getattr(cache, "location", cache)  # joblib.Memory
     if location is None:
         return True, None
-    path = os.path.join(os.fspath(location), DiskCache.FILENAME)
+    try:
+        location = os.fspath(location)
+    except TypeError:
+        raise TypeError(
+            f"cache must be True, False, a directory (str or path) or a joblib.Memory; got {cache!r}."
+        ) from None
+    location = os.fsdecode(location)
+    if not location:
+        raise ValueError("cache='' names no directory; pass a directory, True (memory only) or False.")
+    directory = os.path.abspath(location)
+    path = os.path.join(directory, DiskCache.FILENAME)
     with _DISKS_GUARD:
         disk = _DISKS.get(path)
         if disk is None:
-            disk = _DISKS[path] = DiskCache(location)
+            disk = _DISKS[path] = DiskCache(directory)
+    disk.check_trusted()
     return True, disk
 
 
@@ -201,10 +680,22 @@ def _host(rows):
     return (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows).numpy()
 
 
+def _keys_of(X):
+    """:func:`row_keys` of every row of X, hashed in blocks of a few MiB."""
+    n = X.shape[0]
+    row_bytes = max(1, int(np.prod(X.shape[1:], dtype=np.int64)) * X.dtype.itemsize)
+    step = int(min(1 << 16, max(1, (4 << 20) // row_bytes)))
+    keys = np.empty((n, 2), np.uint64)
+    for start in range(0, n, step):
+        keys[start : start + step] = row_keys(np.ascontiguousarray(_host(X[start : start + step])))
+    return keys
+
+
 class CachedExtractor:
     """Features of rows of X through the caches; misses go through ``compute(rows)``.
 
-    Row keys are computed once for all of X. :meth:`moments_key` names the sufficient
+    Row keys are computed, and looked up in the memory cache, once for all of X: each row
+    gets a slot (held, or reserved for it). :meth:`moments_key` names the sufficient
     statistics of a whole fit, so that the fits of a search that share a training set (every
     candidate of a fold) compute them once.
     """
@@ -214,15 +705,22 @@ class CachedExtractor:
         kind = f"tensor:{X.dtype}" if isinstance(X, torch.Tensor) else f"numpy:{X.dtype.str}"
         self.digest = weights_digest(net) if digest is None else digest
         self.mkey = model_key(self.digest, device, input_dtype, X.shape[1:], kind)
-        self.keys = []
-        for start in range(0, X.shape[0], 4096):
-            self.keys += row_keys(np.ascontiguousarray(_host(X[start : start + 4096])))
+        self.keys = _keys_of(X)
+        self._shelf = self._slots = self._run_start = None
+        if self.use_memory:
+            self._shelf, self._slots = _MEMORY.reserve(self.mkey, self.keys)
+        if self._slots is not None and len(self._slots):
+            # run_start[i]: where the run of consecutive slots that ends at row i starts, so
+            # that a batch of consecutive slots (a first fit's) takes the fast path
+            s = self._slots
+            brk = np.ones(len(s), bool)
+            brk[1:] = s[1:] != s[:-1] + 1
+            self._run_start = np.maximum.accumulate(np.where(brk, np.arange(len(s)), 0))
 
     def moments_key(self, *arrays):
         """Key of the moments of these rows with these targets, weights and prior."""
         h = hashlib.blake2b(self.mkey.encode(), digest_size=20)
-        for k in self.keys:
-            h.update(k)
+        h.update(self.keys.tobytes())
         for a in arrays:
             a = np.ascontiguousarray(a)
             h.update(f"{a.dtype.str}{a.shape}".encode())
@@ -232,49 +730,87 @@ class CachedExtractor:
     def get_moments(self, key):
         if not self.use_memory:
             return None
-        entry = _MEMORY.get(self.mkey, [key])[0]
-        return None if entry is None else entry[1]
+        return _MEMORY.get_moments(self.mkey, key)
 
     def put_moments(self, key, moments):
         if self.use_memory:
-            _MEMORY.put(self.mkey, [key], [("moments", moments)])
+            _MEMORY.put_moments(self.mkey, key, moments)
 
     def features(self, X, sl, compute):
         """Features of rows ``sl`` of X as a CPU tensor (n, *shape) in the extractor's output dtype.
 
         ``compute(indices)`` runs the extractor on the rows ``sl`` at those positions.
         """
-        keys = self.keys[sl]
+        rng = range(X.shape[0])[sl]
+        b = len(rng)
+        shelf = self._shelf
         with _MEMORY.lock(self.mkey):
-            found = _MEMORY.get(self.mkey, keys) if self.use_memory else [None] * len(keys)
-            missing = [i for i, f in enumerate(found) if f is None]
-            if missing and self.disk is not None:
-                self._read_disk(found, missing, keys)
+            if shelf is not None and b and rng.step == 1 and self._run_start[rng[-1]] <= rng[0]:
+                loc0 = int(self._slots[rng[0]])
+                got = _MEMORY.read_range(shelf, loc0, b)
+                if got is False:  # none stored (a first fit): compute, store, done
+                    tag, rows = self._rows(X, sl, np.arange(b), compute)
+                    _MEMORY.store_range(shelf, loc0, tag, rows)
+                    return from_storage(tag, rows)
+                if got is not None:
+                    return from_storage(shelf.tag, got)
+            out, slots = None, None
+            if shelf is not None:
+                slots = self._slots[sl]
+                out, found = _MEMORY.read(shelf, slots)
+                missing = np.flatnonzero(~found)
+            else:
+                missing = np.arange(b)
+            if not missing.size:
+                return from_storage(shelf.tag, out)
+            tag, rows = self._rows(X, sl, missing, compute)
+            if out is not None and (tag, rows.dtype, rows.shape[1]) != (shelf.tag, out.dtype, out.shape[1]):
+                # the extractor's output changed shape: nothing cached fits, run it on all rows
+                return from_storage(*to_storage(compute(np.arange(b))))
+            if out is None:
+                out = np.empty((b, rows.shape[1]), rows.dtype)
+            out[missing] = rows
+            if shelf is not None:
+                _MEMORY.store(shelf, slots[missing], tag, rows)
+        return from_storage(tag, out)
+
+    def _rows(self, X, sl, idx, compute):
+        """``(tag, rows)`` of rows ``idx`` of X[sl]: from the directory cache, else computed."""
+        if self.disk is None:
+            tag, rows = to_storage(compute(idx))
+            return tag, rows
+        keys = disk_keys(np.ascontiguousarray(_host(X[sl]))[idx])
+        found = [None] * len(idx)
+        self._read_disk(found, range(len(idx)), keys)
+        missing = [i for i, f in enumerate(found) if f is None]
+        if missing:
+            with self.disk.lock(self.mkey):  # misses of one model computed once across processes
+                self._read_disk(found, missing, keys)  # another process may have just stored them
                 missing = [i for i in missing if found[i] is None]
                 if missing:
-                    with self.disk.lock(self.mkey):  # misses of one model computed once across processes
-                        self._read_disk(found, missing, keys)  # another process may have just stored them
-                        idx = [i for i in missing if found[i] is None]
-                        self._compute_into(found, idx, compute)
-                        if idx:
-                            tag = found[idx[0]][0]
-                            self.disk.put(self.mkey, [keys[i] for i in idx], tag, [found[i][1] for i in idx])
-            elif missing:
-                self._compute_into(found, missing, compute)
-            if missing and self.use_memory:
-                _MEMORY.put(self.mkey, [keys[i] for i in missing], [found[i] for i in missing])
+                    tag, new = to_storage(compute(idx[missing]))
+                    self.disk.put(self.mkey, [keys[i] for i in missing], tag, new)
+                    for i, row in zip(missing, new, strict=True):
+                        found[i] = (tag, row)
         tag = found[0][0]
-        return from_storage(tag, np.stack([f[1] for f in found]))
+        return tag, np.stack([f[1] for f in found])
 
     def _read_disk(self, found, idx, keys):
+        idx = list(idx)
         got = self.disk.get(self.mkey, [keys[i] for i in idx])
         for i, f in zip(idx, got, strict=True):
             if f is not None:
                 found[i] = (f[0], np.frombuffer(f[1], dtype=_storage_dtype(f[0])))
 
-    def _compute_into(self, found, idx, compute):
-        if not idx:
-            return
-        tag, new = to_storage(compute(idx))
-        for i, row in zip(idx, new, strict=True):
-            found[i] = (tag, row.copy())  # own copies: a view would pin its batch
+
+def _reset_locks_after_fork():
+    """In a forked child, no thread of the parent runs on: locks they held would never be
+    released, so the child gets fresh ones (and closes the parent's inherited lock files)."""
+    global _DISKS_GUARD
+    _DISKS_GUARD = threading.Lock()
+    _diskcache.after_fork_in_child()
+    _MEMORY.reset_locks()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_locks_after_fork)

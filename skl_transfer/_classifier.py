@@ -214,14 +214,19 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         T = self._targets(L0, yidx, s, pretrained=spec.prior.W0 is not None)
         Q = T - L0
         rtol = spec.rtol(n)
+        data_tol = _solvers.data_rtol(Z.shape, spec.feature_eps)
         t0 = time.perf_counter()
         if self.loss == "squared":
             self.n_iter_ = 1  # one closed-form solve
             if n >= spec.d:
                 moments = _solvers.batch_moments(Z, Q, s)
-                dWt, db, residual_sq = _solvers.ridge_primal(moments, self.alpha, spec.fit_intercept, rtol)
+                dWt, db, residual_sq = _solvers.ridge_primal(
+                    moments, self.alpha, spec.fit_intercept, rtol, data=(Z, Q, s), data_tol=data_tol
+                )
             else:
-                dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, s, self.alpha, spec.fit_intercept, rtol)
+                dWt, db, residual_sq = _solvers.ridge_dual(
+                    Z, Q, s, self.alpha, spec.fit_intercept, rtol, data_tol=data_tol
+                )
         else:
             W, b, self.n_iter_, converged = _solvers.multinomial_newton(
                 Z, yidx, s, spec.W0, spec.b0, self.alpha, spec.fit_intercept, self.max_iter, self.tol

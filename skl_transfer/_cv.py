@@ -14,7 +14,7 @@ from sklearn.model_selection import check_cv
 from sklearn.utils._param_validation import StrOptions
 
 from . import _solvers
-from ._base import AdapterRegressorMixin, BaseAdapter
+from ._base import AdapterRegressorMixin, BaseAdapter, MomentsMixin, _is_float32
 from ._heads import as_prior
 from ._torch import cached_extractor, gather_features, head_outputs
 
@@ -48,7 +48,7 @@ def _accepts_sample_weight(scorer):
     return "sample_weight" in signature(scorer).parameters
 
 
-class LayerVariationalAdapterCV(AdapterRegressorMixin, BaseAdapter):
+class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
     r"""Layer variational adaptation with alpha chosen by cross-validation, at about one fit.
 
     The same update as :class:`LayerVariationalAdapter`,
@@ -200,6 +200,10 @@ class LayerVariationalAdapterCV(AdapterRegressorMixin, BaseAdapter):
             Fitted estimator.
         """
         alphas = self._check_alphas()
+        # head=None without an extractor is RidgeCV: float32 X gives float32 coef_, as there
+        self._ridge_dtype = (
+            np.float32 if self.extractor is None and self.head is None and _is_float32(X) else None
+        )
         conv = getattr(as_prior(self.head).geometry, "kind", None) == "conv"
         if conv and self.cv is None:
             raise ValueError(
@@ -258,6 +262,7 @@ class LayerVariationalAdapterCV(AdapterRegressorMixin, BaseAdapter):
         prior_out = Z @ spec.W0.T + spec.b0
         Q = p.Y - prior_out
         rtol = spec.rtol(p.n_samples)
+        data_tol = _solvers.data_rtol((p.n_samples, spec.d), spec.feature_eps)
         if self.cv is None:
             scorer = None if self.scoring is None else check_scoring(_FixedPredictions(), self.scoring)
             weigh = scorer is not None and sample_weight is not None and _accepts_sample_weight(scorer)
@@ -281,11 +286,15 @@ class LayerVariationalAdapterCV(AdapterRegressorMixin, BaseAdapter):
         def refit(alpha):
             if p.n_samples >= spec.d:
                 moments = _solvers.batch_moments(Z, Q, p.s)
-                dWt, db, residual_sq = _solvers.ridge_primal(moments, alpha, spec.fit_intercept, rtol)
+                dWt, db, residual_sq = _solvers.ridge_primal(
+                    moments, alpha, spec.fit_intercept, rtol, data=(Z, Q, p.s), data_tol=data_tol
+                )
                 solver = "primal"
                 self._moments = moments  # for diagnostics_
             else:
-                dWt, db, residual_sq = _solvers.ridge_dual(Z, Q, p.s, alpha, spec.fit_intercept, rtol)
+                dWt, db, residual_sq = _solvers.ridge_dual(
+                    Z, Q, p.s, alpha, spec.fit_intercept, rtol, data_tol=data_tol
+                )
                 solver = "dual"
             return dWt, db, float(p.s @ (Q * Q).sum(1)), residual_sq, solver
 

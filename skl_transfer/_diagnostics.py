@@ -10,9 +10,11 @@ fitted and uncentred otherwise, the solver decomposes ``G = A^T A`` (or ``K = A 
 * Residue ``||Q||_s^2 = sum_i s_i ||q_i||^2`` before the update; residual
   ``||Q - Z dW^T - db||_s^2`` after it; both per output and relative to
   ``||T - mean_s(T)||_s``.
-* Data condition: the numerical rank of ``A`` (eigenvalues of ``G`` above the solver's
-  threshold ``rtol * max(e)``, :func:`._solvers.gram_rtol`), its condition number over that
-  rank, and the effective degrees of freedom ``sum_j e_j / (e_j + alpha)`` of the weights.
+* Data condition: the numerical rank of ``A`` (the solver's scale-invariant spectrum,
+  :func:`._solvers.spectral`: eigenvalues of ``G`` equilibrated by its diagonal above
+  ``rtol * max``, :func:`._solvers.gram_rtol`), its condition number over that rank, and the
+  effective degrees of freedom ``sum_j e_j / (e_j + alpha)`` of the weights, plus 1 for a
+  fitted intercept (the trace of the hat matrix).
 * Span decomposition of the residue: with the intercept fitted,
   ``||Q||_s^2 = S ||m_q||^2 + ||P_A R||^2 + ||(I - P_A) R||^2``: the weighted mean (a bias change
   removes it), the part in the span of the centred features (a weight change removes it), and the
@@ -79,15 +81,17 @@ class Diagnostics:
     weight : float
         ``S``, the sum of the row weights.
     rank : int
-        Numerical rank of the (centred, weighted) design: eigenvalues of ``G`` above
-        ``rtol * max(e)``, the threshold the solver uses.
+        Numerical rank of the (centred, weighted) design, by the solver's rule: eigenvalues of
+        ``G`` equilibrated by its diagonal above ``rtol`` times the largest (columns of zero
+        variance left out).
     rtol : float
         That threshold.
     condition_number : float
         ``sigma_max / sigma_min`` of the design over its numerical rank (nan for rank 0).
     dof : float
-        Effective degrees of freedom of the weights, ``sum_j e_j / (e_j + alpha)`` over the kept
-        eigenvalues (equal to ``rank`` at ``alpha = 0``); the intercept adds 1 when fitted.
+        Effective degrees of freedom, the trace of the (weighted) hat matrix:
+        ``sum_j e_j / (e_j + alpha)`` over the kept eigenvalues (equal to ``rank`` at
+        ``alpha = 0``), plus 1 when the intercept is fitted.
     interpolating : bool
         ``rank == n_rows - fit_intercept``: the features (with the constant when the intercept
         is fitted) span every residue vector, so at ``alpha = 0`` the training residual is 0.
@@ -223,14 +227,6 @@ def _share(part, total):
         return np.where(total > 0, np.clip(part / np.where(total > 0, total, 1.0), 0.0, 1.0), np.nan)
 
 
-def _spectrum(e, rtol):
-    """Kept eigenvalues (the solver's rule) and the mask."""
-    e = np.clip(e, 0.0, None)
-    e_max = e.max() if e.size else 0.0
-    keep = e > rtol * e_max if e_max > 0 else np.zeros(e.shape, dtype=bool)
-    return e, keep
-
-
 def _assemble(
     *,
     e,
@@ -271,7 +267,7 @@ def _assemble(
         rank=rank,
         rtol=float(rtol),
         condition_number=float(np.sqrt(ek.max() / ek.min())) if rank else float("nan"),
-        dof=float(np.sum(ek / (ek + alpha))) if rank else 0.0,
+        dof=(float(np.sum(ek / (ek + alpha))) if rank else 0.0) + int(fit_intercept),
         interpolating=rank == n_rows - int(fit_intercept),
         residue_norm=float(np.sqrt(total)),
         residual_norm=float(np.sqrt(max(float(resid_sq.sum()), 0.0))),
@@ -307,9 +303,9 @@ def from_moments(moments, dWt, db, W0, targets, alpha, fit_intercept, rtol):
     else:
         G, B, _ = _solvers.uncentred(m)
         qq_c = qq_c + m.weight * m.mean_q**2
-    e, V = np.linalg.eigh(G)
-    e, keep = _spectrum(e, rtol)
-    VtB = V[:, keep].T @ B
+    sp = _solvers.spectral(G, rtol, _solvers.primal_floor(m, rtol))  # the solver's own spectrum
+    e, keep = sp.e, sp.keep
+    VtB = sp.V[:, keep].T @ B
     in_span = np.sum(VtB**2 / e[keep][:, None], axis=0)  # diag(B^T G^+ B)
     return _assemble(
         e=e,
@@ -340,9 +336,9 @@ def from_design(Z, Q, s, dWt, db, targets, alpha, fit_intercept, rtol):
     A, R = r * Zc, r * Qc
     qq_c = np.sum(R * R, axis=0)
     resid = r * (Q - Z @ dWt - db)
-    e, U = np.linalg.eigh(A @ A.T)
-    e, keep = _spectrum(e, rtol)
-    in_span = np.sum((U[:, keep].T @ R) ** 2, axis=0)
+    sp = _solvers.spectral(A @ A.T, rtol, _solvers.dual_floor(Z, s, rtol))
+    e, keep = sp.e, sp.keep
+    in_span = np.sum((sp.V[:, keep].T @ R) ** 2, axis=0)
     return _assemble(
         e=e,
         keep=keep,

@@ -39,6 +39,19 @@ class Prior:
         return None if self.W0 is None else self.W0.shape[1]
 
 
+def _finite_layer(head, W0, b0):
+    """``(W0, b0)`` of a torch layer, refused like a ``(coef, intercept)`` pair if not finite."""
+    for name, value in (("weight", W0), ("bias", b0)):
+        if value is not None and not np.isfinite(value).all():
+            raise ValueError(
+                f"head={type(head).__name__} has NaN or infinity in its {name} "
+                f"({int(np.size(value) - np.isfinite(value).sum())} of {np.size(value)} values); "
+                "the update shrinks toward the pretrained weights, so they must be finite. Load "
+                "the pretrained weights again, or pass head=None for a zero prior."
+            )
+    return W0, b0
+
+
 def as_prior(head):
     """Read a head into a :class:`Prior` (copies; the head itself is never modified)."""
     if head is None:
@@ -51,12 +64,12 @@ def as_prior(head):
             )
         W0 = head.weight.detach().to("cpu", torch.float64).numpy().copy()
         b0 = None if head.bias is None else head.bias.detach().to("cpu", torch.float64).numpy().copy()
-        return Prior(W0, b0, head.weight.dtype)
+        return Prior(*_finite_layer(head, W0, b0), head.weight.dtype)
     if isinstance(head, (nn.Conv1d, nn.Conv2d)):
         geometry = ConvGeometry(head)
         W0 = head.weight.detach().to("cpu", torch.float64).reshape(head.out_channels, -1).numpy().copy()
         b0 = None if head.bias is None else head.bias.detach().to("cpu", torch.float64).numpy().copy()
-        return Prior(W0, b0, head.weight.dtype, geometry)
+        return Prior(*_finite_layer(head, W0, b0), head.weight.dtype, geometry)
     if isinstance(head, nn.Module):
         raise TypeError(
             f"head={type(head).__name__} is not supported; pass the last torch.nn.Linear, Conv1d or "
@@ -131,6 +144,10 @@ class LinearGeometry:
 
     kind = "linear"
 
+    def signature(self):
+        """Everything about the head's shape that decides its design rows (a cache key part)."""
+        return "linear"
+
     def check_features(self, feature_shape, n_outputs_y, y_sample_shape):
         return (n_outputs_y,)
 
@@ -190,6 +207,13 @@ class ConvGeometry:
                 )
             padding = tuple(t // 2 for t in total)
         self.padding = tuple(padding)
+
+    def signature(self):
+        """Everything about the head's shape that decides its design rows (a cache key part)."""
+        return (
+            f"conv{self.ndim}d in={self.c_in} out={self.c_out} kernel={self.kernel} "
+            f"stride={self.stride} padding={self.padding} dilation={self.dilation}"
+        )
 
     def _as_2d(self, values, fill):
         return values if self.ndim == 2 else (fill, *values)

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg
+from scipy.linalg import lapack
 
 
 class Moments(NamedTuple):
@@ -121,7 +122,9 @@ def gram_rtol(shape, feature_eps=0.0):
 
 
 class Spectral(NamedTuple):
-    """``A = V diag(e) V^T`` with the mask of eigenvalues above the noise threshold."""
+    """``A ~ V diag(e) V^T`` over the numerical range of ``A``, with the mask of usable eigenvalues.
+
+    ``V`` has one column per eigenvalue kept by :func:`spectral` (at most ``A.shape[0]``)."""
 
     e: np.ndarray
     V: np.ndarray
@@ -136,83 +139,346 @@ class Spectral(NamedTuple):
         return w
 
 
-def spectral(A, rtol=None):
-    """Eigendecomposition of a symmetric positive semi-definite matrix, negative rounding clipped."""
+def zero_floor(diag_uncentred, rtol):
+    """Per-column threshold below which a Gram diagonal entry is a zero variance.
+
+    A column that is constant up to rounding keeps a centred variance of order
+    ``eps^2`` times its uncentred second moment ``diag_uncentred``; equilibrated, it would
+    look like a unit-scale direction of pure noise. Diagonal entries at most
+    ``rtol^2 * diag_uncentred`` (``rtol`` from :func:`gram_rtol`, at least ``eps``) count as zero:
+    the column gets coefficient 0.
+    """
+    return rtol**2 * np.asarray(diag_uncentred, dtype=np.float64)
+
+
+def _active(A, floor):
+    dg = np.diag(A)
+    return np.flatnonzero(dg > (0.0 if floor is None else np.maximum(floor, 0.0)))
+
+
+def spectral(A, rtol=None, floor=None):
+    """Scale-invariant eigendecomposition of a symmetric positive semi-definite Gram matrix.
+
+    Two stages. (1) The matrix is equilibrated by its diagonal, ``At = D^{-1/2} A D^{-1/2}``
+    (unit diagonal; entries of ``A`` round relative to ``sqrt(A_ii A_jj)``, so nothing is
+    lost), and the eigenvalues of ``At`` below ``rtol * max`` are noise: the numerical null
+    space is judged relative to each direction's own scale, not to the largest column.
+    (2) On the kept directions, ``A ~ F F^T`` with ``F = D^{1/2} V_k E_k^{1/2}``; the singular
+    value decomposition of ``F`` (never of ``F^T F``, which would square its condition) gives
+    the eigenvectors of ``A`` on that range and eigenvalues accurate to about
+    ``eps * sqrt(cond(A))`` relative. Columns whose diagonal is at most ``floor`` (zero
+    variance, :func:`zero_floor`) are left out. The penalty stays ``alpha I`` in the original
+    units, so one decomposition serves every alpha, and at ``alpha = 0`` the solution is the
+    minimum-norm one in the original units (the null space is ``D^{-1/2}`` times that of ``At``).
+    """
+    n = A.shape[0]
     if rtol is None:
         rtol = gram_rtol(A.shape)
-    e, V = linalg.eigh(A, check_finite=False)
-    e = np.clip(e, 0.0, None)
-    e_max = e[-1] if e.size else 0.0
-    return Spectral(e, V, e > rtol * e_max if e_max > 0 else np.zeros(e.shape, dtype=bool))
+    idx = _active(A, floor)
+    if idx.size == 0:
+        return Spectral(np.zeros(0), np.zeros((n, 0)), np.zeros(0, dtype=bool))
+    h = np.sqrt(np.diag(A)[idx])
+    At = A[np.ix_(idx, idx)] / h[:, None] / h[None, :]
+    E, V = linalg.eigh(At, check_finite=False)
+    E = np.clip(E, 0.0, None)
+    keep = E > rtol * E[-1] if E[-1] > 0 else np.zeros(E.shape, dtype=bool)
+    F = h[:, None] * (V[:, keep] * np.sqrt(E[keep]))
+    order = np.argsort(-h)  # rows in decreasing scale: Householder steps then keep the grading
+    U, sig, _ = linalg.svd(F[order], full_matrices=False, check_finite=False)
+    Vfull = np.zeros((n, sig.size))
+    Vfull[idx[order]] = U
+    e = sig**2
+    return Spectral(e, Vfull, e > 0)
 
 
-# Cholesky is used when alpha >= CHOLESKY_MIN * trace(A) >= CHOLESKY_MIN * e_max: directions at
-# the rounding-noise level (eigenvalue ~ eps * e_max, right-hand side ~ eps) then move the
-# solution by at most eps / CHOLESKY_MIN ~ 1e-9 relative, the same as dropping them.
+# Cholesky is used when the Gram matrix plus ``alpha I``, equilibrated to a unit diagonal, has a
+# condition number (LAPACK's 1-norm estimate) of at most 1 / CHOLESKY_MIN: directions at the
+# rounding-noise level (equilibrated eigenvalue ~ eps, right-hand side ~ eps) then move the
+# solution by at most eps / CHOLESKY_MIN ~ 1e-9 relative, the same as dropping them, and the
+# solution itself is accurate to about that. Otherwise the eigendecomposition drops the noise.
 CHOLESKY_MIN = 1e-7
+# With the data in memory, a problem whose equilibrated condition exceeds this (where Cholesky
+# is not used) is solved from the data (:func:`ridge_from_data`), which does not square the
+# condition number, instead of by the eigendecomposition.
+COND_DATA = 1.0 / CHOLESKY_MIN
+# In-memory fits through an extractor keep their design rows (by reference) for that re-solve
+# while n_rows x d is at most this many float64 entries (128 MiB).
+DATA_MAX_ENTRIES = 2**24
 
 
-def solve_gram(A, R, alpha, rtol=None):
-    """``X = (A + alpha I)^+ R`` for a symmetric positive semi-definite ``A``.
+def _scaled_cholesky(A, R, alpha, idx):
+    """``(A + alpha I) X = R`` on the indices ``idx`` by Cholesky of the matrix scaled to a unit
+    diagonal (a change of variables: the penalty stays ``alpha I``). Returns ``(X, rcond)``;
+    ``X`` is None when the factorisation fails."""
+    c = np.sqrt(np.diag(A)[idx] + alpha)
+    H = A[np.ix_(idx, idx)] / c[:, None] / c[None, :]
+    H[np.diag_indices_from(H)] = 1.0
+    anorm = np.abs(H).sum(axis=0).max()
+    L, info = lapack.dpotrf(H, lower=0, clean=1)
+    if info != 0:
+        return None, 0.0
+    rcond, info = lapack.dpocon(L, anorm)
+    if info != 0 or not np.isfinite(rcond):  # pragma: no cover - LAPACK argument errors
+        return None, 0.0
+    x, info = lapack.dpotrs(L, R[idx] / c[:, None], lower=0)
+    if info != 0:  # pragma: no cover
+        return None, 0.0
+    return x / c[:, None], float(rcond)
 
-    Through ``A = V diag(e) V^T``: ``X = V diag(1 / (e + alpha)) V^T R`` over the eigenvalues
-    above ``rtol * max(e)``, the others treated as zero; at ``alpha = 0`` this is
-    ``pinv(A) R``, the minimum-norm solution, never inf or NaN. When alpha dominates the
-    noise level (``alpha >= CHOLESKY_MIN * trace(A)``), a Cholesky solve of ``A + alpha I``
-    gives the same result about 8 times faster.
+
+def solve_gram(A, R, alpha, rtol=None, floor=None, return_cond=False, fallback=True):
+    """``X = (A + alpha I)^+ R`` for a symmetric positive semi-definite ``A``, scale-invariantly.
+
+    Columns whose diagonal is at most ``floor`` (zero variance) get ``X = 0``. The others are
+    solved by a Cholesky factorisation of ``A + alpha I`` equilibrated to a unit diagonal when
+    its condition estimate is at most ``1 / CHOLESKY_MIN`` (the common case, alpha = 0
+    included); otherwise through :func:`spectral`: eigenvalues of the equilibrated matrix below
+    ``rtol * max`` are treated as zero, the rest solved exactly with the penalty ``alpha I``
+    in the original units (at ``alpha = 0`` the minimum-norm solution, never inf or NaN).
+
+    With ``return_cond``, also returns the condition estimate of the equilibrated
+    ``A + alpha I`` (inf when Cholesky failed), which tells the caller whether solving from the
+    data would be more accurate. ``fallback=False``: ``X`` is None instead of the
+    eigendecomposition when Cholesky is not accurate enough (the caller has a better way).
     """
-    if alpha > 0 and alpha >= CHOLESKY_MIN * np.trace(A):
-        try:
-            c = linalg.cho_factor(A + alpha * np.eye(A.shape[0]), lower=True, check_finite=False)
-            return linalg.cho_solve(c, R, check_finite=False)
-        except linalg.LinAlgError:  # pragma: no cover - alpha > 0 makes A + alpha I definite
-            pass
-    sp = spectral(A, rtol)
-    return sp.V @ (sp.weights(alpha)[:, None] * (sp.V.T @ R))
+    X = np.zeros((A.shape[0],) + R.shape[1:])
+    idx = _active(A, floor)
+    cond = 1.0
+    if idx.size:
+        x, rcond = _scaled_cholesky(A, R, alpha, idx)
+        cond = 1.0 / rcond if rcond > 0 else np.inf
+        if x is not None and rcond >= CHOLESKY_MIN:
+            X[idx] = x
+        elif not fallback:
+            X = None
+        else:
+            sp = spectral(A, rtol, floor)
+            X = sp.V @ (sp.weights(alpha)[:, None] * (sp.V.T @ R))
+    return (X, cond) if return_cond else X
 
 
-def ridge_primal(moments, alpha, fit_intercept, rtol=None):
+def _design(Z, Q, s, fit_intercept):
+    """Weighted (centred) design and residue: ``diag(sqrt(s)) Z_c``, ``diag(sqrt(s)) Q_c``, means."""
+    Zc, Qc, mean_z, mean_q = _centre(Z, Q, s, fit_intercept)
+    r = np.sqrt(s)[:, None]
+    return r * Zc, r * Qc, mean_z, mean_q
+
+
+def _lifts(lift, tol, sv_max):
+    """Whether a penalty of ``lift`` (in the equilibrated design's eigenvalue units) keeps
+    directions at the noise level ``tol * sv_max`` (singular values) from moving the solution by
+    more than about ``CHOLESKY_MIN`` relative: as :func:`solve_gram`'s rule for Cholesky."""
+    return lift * CHOLESKY_MIN >= tol * sv_max**2
+
+
+def _refined(A, R, alpha, G=None, rtol=None, floor=None, max_iter=50):
+    """Ridge solution by iterative refinement of the normal equations against the rows (see
+    :func:`ridge_from_data`); None when the spectrum drops a direction or it does not converge."""
+    if G is None:
+        G = A.T @ A
+    sp = spectral(G, rtol, floor)
+    if sp.e.size < _active(G, floor).size or sp.e.size == 0:
+        return None  # thresholded directions: a refinement would not reach them
+    w = 1.0 / (sp.e + alpha)
+
+    def correct(g):
+        return sp.V @ (w[:, None] * (sp.V.T @ g))
+
+    x = correct(A.T @ R)
+    prev = np.inf
+    for _ in range(max_iter):
+        dx = correct(A.T @ (R - A @ x) - alpha * x)
+        x += dx
+        step, size = np.linalg.norm(dx), np.linalg.norm(x)
+        if step <= 4 * np.finfo(np.float64).eps * size:
+            return x
+        if step > 0.5 * prev:  # stagnating: at the attainable accuracy, or diverging
+            return x if step <= 1e-11 * size else None
+        prev = step
+    return None
+
+
+def ridge_from_data(Z, Q, s, alpha, fit_intercept, tol=None, floor=None, rtol=None, G=None):
+    """The ridge update solved from the design rows, without forming a Gram matrix.
+
+    With ``A = diag(sqrt(s)) Z_c`` and ``R = diag(sqrt(s)) Q_c``, as the svd solver of
+    ``Ridge`` works, so that the condition number is not squared:
+
+    * ``n >= d``: iterative refinement first: starting from the Gram solution, each step
+      computes the residual of the normal equations from the rows, ``A^T (R - A x) - alpha x``
+      (so the attained accuracy is that of the data, not of the squared condition), and
+      corrects ``x`` by the scale-invariant spectral solve (:func:`spectral` of ``G``, given or
+      ``A^T A``; ``rtol`` its threshold). A few ``O(n d k)`` steps where the Gram matrix's
+      condition is below about ``1 / eps``. When the spectrum drops directions or the steps do
+      not converge, a Householder QR: the columns of ``A`` are equilibrated (``A D^{-1/2}``, an
+      exact change of variables), the rows sorted by decreasing norm, and the least-squares problem
+      ``[A D^{-1/2}; sqrt(alpha) D^{-1/2}] x = [R; 0]`` solved by Householder QR: a QR of ``A``,
+      then of ``[R_A; sqrt(alpha) D^{-1/2}]`` (2d x d);
+    * ``n < d``: the minimum-norm solution of ``[A, sqrt(alpha) I] w = R`` (whose first d
+      entries are the ridge solution), by a QR of the transposed system with its rows
+      equilibrated; at ``alpha = 0`` with rank-deficient rows, ``pinv(A) R`` from the singular
+      values of ``A`` above ``tol`` times the largest.
+
+    Returns ``dWt`` (d, k), or None when (``n >= d``) the equilibrated design is rank-deficient
+    at the rounding level of the data (a singular value below ``tol`` times the largest, by default
+    :func:`data_rtol`) and alpha does not lift those directions well above it: the thresholded
+    Gram solution is then the one wanted. Columns whose squared norm is at most ``floor`` (zero
+    variance) get 0.
+    """
+    n, d = Z.shape
+    A, R, _, _ = _design(Z, Q, s, fit_intercept)
+    if tol is None:
+        tol = data_rtol((n, d))
+    dWt = np.zeros((d, R.shape[1]))
+    col = np.sqrt(np.einsum("ij,ij->j", A, A))
+    idx = np.flatnonzero(col**2 > (0.0 if floor is None else np.maximum(floor, 0.0)))
+    if idx.size == 0:
+        return dWt
+    h = col[idx]
+    if n >= idx.size:
+        x = _refined(A, R, alpha, G, rtol, floor)
+        if x is not None:
+            return x
+        m, k = idx.size, R.shape[1]
+        As = A[:, idx] / h
+        order = np.argsort(-np.einsum("ij,ij->i", As, As), kind="stable")
+        # R of the QR of [A_s, R] (Q never formed): its top-right block is Q^T R
+        T = linalg.qr(np.hstack([As[order], R[order]]), mode="r", check_finite=False)[0]
+        Ra, rhs = np.triu(T[:m, :m]), T[:m, m:]
+        # unit columns: sigma_max of A_s is between 1 and sqrt(m); rank from the condition estimate
+        rcond = lapack.dtrcon(Ra)[0] if np.all(np.diag(Ra) != 0) else 0.0
+        full_rank = rcond > tol
+        if alpha > 0:
+            if not full_rank and not _lifts(alpha / h.max() ** 2, tol, np.sqrt(m)):
+                return None  # alpha does not lift the noise directions: keep the thresholded solve
+            aug = np.block([[Ra, rhs], [np.diag(np.sqrt(alpha) / h), np.zeros((m, k))]])
+            Tb = linalg.qr(aug, mode="r", check_finite=False)[0]
+            x = linalg.solve_triangular(Tb[:m, :m], Tb[:m, m:], check_finite=False)
+        else:
+            if not full_rank:
+                return None
+            x = linalg.solve_triangular(Ra, rhs, check_finite=False)
+        dWt[idx] = x / h[:, None]
+        return dWt
+    # fewer rows than columns: the minimum norm solution of [A, sqrt(alpha) I] w = R
+    A = A[:, idx]
+    rn = np.sqrt(np.einsum("ij,ij->i", A, A))
+    ok = rn > 0
+    sv = linalg.svdvals(A[ok] / rn[ok, None], check_finite=False) if ok.any() else np.zeros(1)
+    full_rank = ok.all() and sv[-1] > tol * sv[0]
+    if not full_rank:
+        if alpha == 0:
+            # rank-deficient rows: the minimum-norm least-squares solution in the original
+            # units, from the singular values of the design (thresholded at tol, never squared)
+            dWt[idx] = np.linalg.lstsq(A, R, rcond=tol)[0]
+            return dWt
+        if not _lifts(alpha / rn.max() ** 2, tol, sv[0]):
+            return None  # alpha does not lift the noise directions: keep the thresholded solve
+    C = np.hstack([A, np.sqrt(alpha) * np.eye(n)]) if alpha > 0 else A
+    cn = np.sqrt(np.einsum("ij,ij->i", C, C))
+    Qc, Rc = linalg.qr((C / cn[:, None]).T, mode="economic", check_finite=False)  # rows scaled: same w
+    w = Qc @ linalg.solve_triangular(Rc, R / cn[:, None], trans="T", check_finite=False)
+    dWt[idx] = w[: idx.size]
+    return dWt
+
+
+def data_rtol(shape, feature_eps=0.0):
+    """Relative threshold on the singular values of the design itself (the data path).
+
+    Singular values computed from the data carry noise of order ``max(n, d) * eps64``
+    (accumulation) or ``eps_f`` (features rounded to the extractor's dtype) times the largest:
+    the square root of the Gram matrix's threshold :func:`gram_rtol` for float32 and float16
+    features, far below it for float64 ones.
+    """
+    return max(max(shape) * np.finfo(np.float64).eps, feature_eps)
+
+
+def _check_finite_moments(G, B):
+    if not (np.isfinite(G).all() and np.isfinite(B).all()):
+        raise ValueError(
+            "The weighted moments of the features overflowed (inf or NaN): sample_weight or the "
+            "features are too large (near 1e308 when multiplied together). Divide sample_weight by "
+            "its maximum (the solution is unchanged if alpha is divided by the same factor), or "
+            "rescale the features."
+        )
+
+
+def primal_floor(moments, rtol):
+    """:func:`zero_floor` of the primal Gram matrix from its moments (uncentred diagonal)."""
+    if rtol is None:
+        rtol = gram_rtol((1, moments.G.shape[0]))
+    return zero_floor(np.diag(moments.G) + moments.weight * moments.mean_z**2, rtol)
+
+
+def ridge_primal(moments, alpha, fit_intercept, rtol=None, data=None, data_tol=None):
     """Ridge update from the d x d normal equations.
 
     ``dW^T = (G + alpha I)^{-1} B`` with centred moments and ``db = m_q - m_z dW^T``
-    when the intercept is fitted; uncentred moments and ``db = 0`` otherwise.
+    when the intercept is fitted; uncentred moments and ``db = 0`` otherwise; solved by
+    :func:`solve_gram` (equilibrated, scale-invariant). ``data``: the design rows ``(Z, Q, s)``
+    these moments were computed from, when they are in memory; where the equilibrated system
+    is ill-conditioned (condition estimate above ``COND_DATA``, where Cholesky is not used) the
+    update is solved from them (:func:`ridge_from_data`, singular values threshold
+    ``data_tol``), and by the thresholded eigendecomposition otherwise. ``data`` may be a
+    callable returning them (or None), called only then.
 
     Returns ``(dWt, db, residual_sq)`` where ``residual_sq`` is the weighted
     squared residual ``qq - 2 tr(dW B) + tr(dW G dW^T)`` after the update. Computed from the
     moments, it is exact up to cancellation: about ``eps * qq`` in absolute terms, so a
-    near-zero residual reads as 0.
+    near-zero residual reads as 0 (computed from the rows when they were used).
     """
     if fit_intercept:
         G, B, qq = moments.G, moments.B, moments.qq
     else:
         G, B, qq = uncentred(moments)
-    dWt = solve_gram(G, B, alpha, rtol)
-    residual_sq = qq - 2.0 * np.vdot(dWt, B) + np.vdot(dWt, G @ dWt)
+    _check_finite_moments(G, B)
+    floor = primal_floor(moments, rtol)
+    dWt = solve_gram(G, B, alpha, rtol, floor, fallback=data is None)
+    if dWt is None:  # ill-conditioned even equilibrated: from the rows, when they are in memory
+        data = data() if callable(data) else data
+        better = (
+            None if data is None else ridge_from_data(*data, alpha, fit_intercept, data_tol, floor, rtol, G)
+        )
+        if better is not None:
+            Z, Q, s = data
+            dWt = better
+            db = (s @ Q) / s.sum() - ((s @ Z) / s.sum()) @ dWt if fit_intercept else np.zeros(B.shape[1])
+            res = Q - Z @ dWt - db
+            return dWt, db, float(s @ (res * res).sum(1))
+        dWt = solve_gram(G, B, alpha, rtol, floor)
     db = moments.mean_q - moments.mean_z @ dWt if fit_intercept else np.zeros(B.shape[1])
+    residual_sq = qq - 2.0 * np.vdot(dWt, B) + np.vdot(dWt, G @ dWt)
     return dWt, db, max(float(residual_sq), 0.0)
 
 
-def ridge_dual(Z, Q, s, alpha, fit_intercept, rtol=None):
+def dual_floor(Z, s, rtol):
+    """:func:`zero_floor` of the kernel ``A A^T`` (per sample: the uncentred row norm)."""
+    if rtol is None:
+        rtol = gram_rtol(Z.shape)
+    return zero_floor(s * np.einsum("ij,ij->i", Z, Z), rtol)
+
+
+def ridge_dual(Z, Q, s, alpha, fit_intercept, rtol=None, data_tol=None):
     """Ridge update from the n x n kernel, for fewer samples than features.
 
     With ``A = diag(sqrt(s)) Z_c`` and ``R = diag(sqrt(s)) Q_c`` (centred by the weighted
     means when the intercept is fitted): ``dW^T = A^T (A A^T + alpha I)^{-1} R``, which
     equals ``(A^T A + alpha I)^{-1} A^T R``; at ``alpha = 0``, ``A^T pinv(A A^T) R = pinv(A) R``.
+    The kernel is solved like the primal Gram matrix (equilibrated, :func:`solve_gram`); where
+    it is ill-conditioned, from the rows (:func:`ridge_from_data`).
 
     Returns ``(dWt, db, residual_sq)`` like :func:`ridge_primal`.
     """
-    S = s.sum()
-    if fit_intercept:
-        mean_z = s @ Z / S
-        mean_q = s @ Q / S
-        Zc, Qc = Z - mean_z, Q - mean_q
-    else:
-        Zc, Qc = Z, Q
-    r = np.sqrt(s)[:, None]
-    A, R = r * Zc, r * Qc
+    A, R, mean_z, mean_q = _design(Z, Q, s, fit_intercept)
     K = A @ A.T
-    c = solve_gram(K, R, alpha, rtol)
-    dWt = A.T @ c
+    _check_finite_moments(K, R)
+    floor = dual_floor(Z, s, rtol)
+    c = solve_gram(K, R, alpha, rtol, floor, fallback=False)
+    dWt = None if c is None else A.T @ c
+    if dWt is None:  # ill-conditioned even equilibrated: from the rows
+        dWt = ridge_from_data(Z, Q, s, alpha, fit_intercept, data_tol)
+    if dWt is None:
+        dWt = A.T @ solve_gram(K, R, alpha, rtol, floor)
     residual = R - A @ dWt
     db = mean_q - mean_z @ dWt if fit_intercept else np.zeros(Q.shape[1])
     return dWt, db, float(np.vdot(residual, residual))
@@ -254,14 +520,16 @@ def _centre(Z, Q, s, fit_intercept):
     return Z - mean_z, Q - mean_q, mean_z, mean_q
 
 
-def moments_path(m, alphas, fit_intercept, rtol=None):
+def moments_path(m, alphas, fit_intercept, rtol=None, floor=None):
     """Ridge updates ``(dWt, db)`` from one set of moments for every alpha.
 
-    One eigendecomposition of ``G``, then ``O(d^2 k)`` per alpha; equal to
-    :func:`ridge_primal` at each alpha.
+    One (scale-invariant) eigendecomposition of ``G``, :func:`spectral`, then ``O(d^2 k)`` per
+    alpha; equal to :func:`ridge_primal` at each alpha. ``floor``: a larger zero-variance
+    threshold than :func:`primal_floor` (moments obtained by subtraction carry more noise).
     """
     G, B = (m.G, m.B) if fit_intercept else uncentred(m)[:2]
-    sp = spectral(G, rtol)
+    base = primal_floor(m, rtol)
+    sp = spectral(G, rtol, base if floor is None else np.maximum(base, floor))
     VtB = sp.V.T @ B
     for alpha in alphas:
         dWt = sp.V @ (sp.weights(alpha)[:, None] * VtB)
@@ -304,18 +572,23 @@ def kfold_path(Z, Q, s, folds, alphas, fit_intercept, rtol=None):
     for fold, (train, test) in enumerate(folds):
         Zte = Z[test]
         if len(train) >= d:
+            floor = None
             if is_complement(train, test, n):
                 m = subtract_moments(total, batch_moments(Zte, Q[test], s[test]))
+                # a difference rounds relative to the whole data's moments: a column constant
+                # on the training rows keeps a variance of order eps times the total's
+                tot = np.diag(total.G if fit_intercept else uncentred(total)[0])
+                floor = (rtol if rtol is not None else gram_rtol(Z.shape)) * tot
             else:
                 m = batch_moments(Z[train], Q[train], s[train])
-            for j, (dWt, db) in enumerate(moments_path(m, alphas, fit_intercept, rtol)):
+            for j, (dWt, db) in enumerate(moments_path(m, alphas, fit_intercept, rtol, floor)):
                 yield fold, j, Zte @ dWt + db
         else:
             Ztr, Qtr, str_ = Z[train], Q[train], s[train]
             Zc, Qc, mean_z, mean_q = _centre(Ztr, Qtr, str_, fit_intercept)
             r = np.sqrt(str_)[:, None]
             A, R = r * Zc, r * Qc
-            sp = spectral(A @ A.T, rtol)
+            sp = spectral(A @ A.T, rtol, dual_floor(Ztr, str_, rtol))
             WtR = sp.V.T @ R
             cross = (Zte - mean_z) @ A.T @ sp.V  # test rows against the training kernel basis
             for j, alpha in enumerate(alphas):
@@ -337,13 +610,15 @@ def loo_path(Z, Q, s, alphas, fit_intercept, rtol=None):
     base = s / s.sum() if fit_intercept else np.zeros(n)
     if n >= d:
         A = r * Zc
-        sp = spectral(A.T @ A, rtol)
+        sp = spectral(
+            A.T @ A, rtol, zero_floor(s @ (Z * Z), rtol if rtol is not None else gram_rtol(Z.shape))
+        )
         U = Zc @ sp.V  # fitted values are U diag(w) V^T B
         UtR = sp.V.T @ (A.T @ (r * Qc))
         U2s = (U * U) * s[:, None]
     else:
         A = r * Zc
-        sp = spectral(A @ A.T, rtol)
+        sp = spectral(A @ A.T, rtol, dual_floor(Z, s, rtol))
         U = Zc @ (A.T @ sp.V)  # fitted values Z_c dW^T = Z_c A^T V diag(w) V^T R
         UtR = sp.V.T @ (r * Qc)
         U2s = sp.V * sp.V * sp.e

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import linalg
 
-from . import _solvers
+from . import _fingerprint, _solvers
 from ._cache import CachedExtractor
 
 
@@ -49,6 +49,20 @@ def resolve_device(device):
         )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device={device!r} asks for MPS, which is not available; use device='cpu'.")
+    if dev.type == "meta":
+        raise ValueError(
+            f"device={device!r} holds no data (meta tensors have shapes only), so no features can be "
+            "computed there; use device='auto', 'cpu' or 'cuda'."
+        )
+    if dev.type != "cpu":
+        try:
+            torch.empty(1, device=dev)
+        except Exception as err:
+            cause = (str(err).strip().splitlines() or [""])[0][:200]
+            raise ValueError(
+                f"device={device!r} cannot hold tensors in this torch ({type(err).__name__}: {cause}); "
+                "use device='auto', 'cpu' or 'cuda', or install the torch backend for that device."
+            ) from err
     return dev
 
 
@@ -106,20 +120,39 @@ def _forward(net, xb):
     try:
         out = net(xb)
     except Exception as err:
+        if not xb.is_floating_point() and floating_dtype(net) is not None:
+            fix = (
+                f"X has dtype {xb.dtype}, passed to the extractor unchanged (integers stay integers, "
+                "for extractors that take indices such as an nn.Embedding), while the extractor "
+                f"computes in {floating_dtype(net)}: convert X, e.g. X.astype(np.float32) (scaled "
+                "as the network expects, e.g. / 255 for 8-bit images)."
+            )
+        else:
+            fix = "Pass X of shape (n_samples, *input_shape) with the input shape the extractor expects."
         raise ValueError(
             f"The extractor {type(net).__name__} failed on a batch of shape "
-            f"{tuple(xb.shape)} (dtype {xb.dtype}): {err}. Pass X of shape "
-            "(n_samples, *input_shape) with the input shape the extractor expects."
+            f"{tuple(xb.shape)} (dtype {xb.dtype}): {err}. {fix}"
         ) from err
+    return _check_output(out, xb.shape[0])
+
+
+def _check_output(out, n):
+    """The extractor's output for a batch of ``n`` samples: one real tensor, batch first."""
     if not is_tensor(out):
         raise TypeError(
             f"The extractor must return a tensor of features, got {type(out).__name__}; "
             "wrap it so that forward returns a single tensor."
         )
-    if out.ndim == 0 or out.shape[0] != xb.shape[0]:
+    if out.is_complex():
+        raise ValueError(
+            f"The extractor returned complex features (dtype {out.dtype}); the update is real. "
+            "Return real features from the extractor, e.g. torch.view_as_real(z).flatten(1) "
+            "(real and imaginary parts as features) or z.abs()."
+        )
+    if out.ndim == 0 or out.shape[0] != n:
         raise ValueError(
             f"The extractor returned shape {tuple(out.shape)} for a batch of "
-            f"{xb.shape[0]} samples; its output must keep the batch dimension first."
+            f"{n} samples; its output must keep the batch dimension first."
         )
     return out
 
@@ -139,14 +172,63 @@ def _forward_rows(net, X, rows, device, dtype):
 
 
 def cached_extractor(net, X, cache, digest=None):
-    """The feature cache for this extractor and X, or None (``cache`` off or no extractor).
+    """The feature cache for this extractor and X, or None (``cache`` off, no extractor, or an
+    extractor that the cache must not serve).
 
-    ``digest`` is the extractor's :func:`~skl_transfer._cache.weights_digest` when known
-    (the fitted private copy never changes, so predict need not hash its weights again).
+    ``digest`` is a :class:`~skl_transfer._fingerprint.Digest` of ``net`` computed earlier (the
+    fitted copy's, from fit): it is reused only while ``net`` still matches it (same tensors,
+    version counters, code, attributes and hooks), else recomputed; a plain string (from a
+    pickle) is never trusted. An extractor that cannot be keyed
+    (:class:`~skl_transfer._fingerprint.Unkeyable`) is not cached, with one warning per process
+    and cause.
+
+    The first time a model key is seen in this process, its first sample goes through the
+    cache with a probe for its computation: if that row is missing from every cache, the
+    extractor runs on it twice (CPU and the device's random state restored in between) and
+    must give the same bits and leave its state (tensors' version counters, attributes) as it
+    was; only then is the row stored. Otherwise the extractor is not cached (a warning says why).
     """
     if net is None or cache is False or cache is None:
         return None
-    return CachedExtractor(cache, net, module_device(net), floating_dtype(net), X, digest)
+    if not _fingerprint.still_valid(digest, net):
+        try:
+            digest = _fingerprint.fingerprint(net)
+        except _fingerprint.Unkeyable as err:
+            _fingerprint.warn_once(err)
+            return None
+    device, dtype = module_device(net), floating_dtype(net)
+    cached = CachedExtractor(cache, net, device, dtype, X, digest)
+    if X.shape[0] == 0:
+        return cached
+
+    def twice(idx):  # the cache's compute for the first row: run it twice, compare, then store
+        rows = np.arange(1)[idx]
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            first = _forward_rows(net, X, rows, device, dtype)
+            after_first = _fingerprint.fingerprint_state(net)
+            second = _forward_rows(net, X, rows, device, dtype)
+        if not after_first.matches(net):
+            raise _fingerprint.NotDeterministic(
+                "state",
+                f"{type(net).__name__}.forward (or one of its hooks) changes its own parameters, "
+                "buffers, attributes or hook state",
+            )
+        if not _fingerprint.same_bits(first, second):
+            raise _fingerprint.NotDeterministic(
+                "random", f"{type(net).__name__} gave other features for the same sample on a second run"
+            )
+        return first
+
+    def probe():
+        with torch.inference_mode():
+            cached.features(X, slice(0, 1), twice)
+
+    verdict = _fingerprint.verify(cached.mkey, probe)
+    if verdict is not None:
+        _fingerprint.warn_once(verdict)
+        return None
+    return cached
 
 
 def feature_batches(net, X, batch_size, cached=None):
@@ -183,6 +265,15 @@ def feature_batches(net, X, batch_size, cached=None):
                     lambda idx, sl=sl: _forward_rows(
                         net, X, np.arange(sl.start, sl.stop)[idx], device, dtype
                     ),
+                )
+            if start == 0:
+                first_shape = tuple(raw.shape[1:])
+            elif tuple(raw.shape[1:]) != first_shape:
+                raise ValueError(
+                    f"The extractor returned per-sample shape {tuple(raw.shape[1:])} for samples "
+                    f"{sl.start} to {sl.stop - 1}, but {first_shape} for sample 0; the features of "
+                    "every sample must have one shape (pool or pad variable-size outputs in the "
+                    "extractor)."
                 )
             Z = raw.reshape(raw.shape[0], -1).to(device=device, dtype=torch.float64)
         yield sl, Z, raw.dtype, tuple(raw.shape[1:])
@@ -481,12 +572,7 @@ def linearised_features(net, X_source, X, rows, device, dtype):
             f"failed on a batch of shape {tuple(xs.shape)}: {err}. method='perturb' needs an "
             "extractor whose operations support forward-mode autodiff; use method='exact' otherwise."
         ) from err
-    if not is_tensor(out) or out.ndim == 0 or out.shape[0] != xs.shape[0]:
-        raise ValueError(
-            "The extractor must return one tensor of features with the batch dimension first; "
-            f"got {type(out).__name__} for a batch of {xs.shape[0]} samples."
-        )
-    b = xs.shape[0]
+    b = _check_output(out, xs.shape[0]).shape[0]
     F = _check_finite(out).reshape(b, -1).to(torch.float64)
     dF = _check_finite(tangent).reshape(b, -1).to(torch.float64)
     return F, dF

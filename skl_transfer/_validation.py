@@ -30,7 +30,16 @@ def check_input(X):
         if X.is_floating_point() and not bool(torch.isfinite(X).all()):
             raise ValueError("Input X contains NaN or infinity; remove or impute those samples.")
         return X
-    return check_array(X, allow_nd=True, dtype="numeric", ensure_all_finite=True, input_name="X")
+    return native_byte_order(
+        check_array(X, allow_nd=True, dtype="numeric", ensure_all_finite=True, input_name="X")
+    )
+
+
+def native_byte_order(X):
+    """X itself, or a copy in native byte order (torch takes no big-endian arrays)."""
+    if X.dtype.byteorder not in "=|" and X.dtype.byteorder != np.dtype(X.dtype.char).byteorder:
+        return X.astype(X.dtype.newbyteorder("="))
+    return X
 
 
 def check_target(y, n_samples, max_ndim=2):
@@ -48,16 +57,30 @@ def check_target(y, n_samples, max_ndim=2):
 
 
 def check_sample_weight(sample_weight, n_samples, allow_all_zero=False):
-    """Non-negative finite float64 weights of shape (n_samples,); None -> ones."""
+    """Non-negative finite float64 weights of shape (n_samples,); None -> ones.
+
+    The shape is checked by scikit-learn's own ``_check_sample_weight`` (its messages: "Sample
+    weights must be 1D array or scalar", "sample_weight.shape == ..."). Weights whose sum
+    overflows float64 are refused, as ``Ridge`` refuses them: the moments would be inf.
+    """
+    from sklearn.utils.validation import _check_sample_weight
+
     if sample_weight is None:
         return np.ones(n_samples)
-    if isinstance(sample_weight, numbers.Number):
-        sample_weight = np.full(n_samples, sample_weight, dtype=np.float64)
-    s = check_array(to_numpy(sample_weight), ensure_2d=False, dtype=np.float64, input_name="sample_weight")
-    if s.ndim != 1 or s.shape[0] != n_samples:
-        raise ValueError(f"sample_weight.shape == {s.shape}, expected ({n_samples},): one weight per sample.")
+    if not isinstance(sample_weight, numbers.Number):
+        sample_weight = to_numpy(sample_weight)
+    s = _check_sample_weight(sample_weight, np.empty((n_samples, 0)), dtype=np.float64)
     if (s < 0).any():
         raise ValueError(f"Negative values in sample_weight (min {s.min():g}); weights must be >= 0.")
-    if not allow_all_zero and not s.sum() > 0:
+    with np.errstate(over="ignore", invalid="ignore"):
+        total = s.sum()
+    if not np.isfinite(total):
+        raise ValueError(
+            f"sample_weight sums to more than the largest float64 (max weight {s.max():g}, "
+            f"{n_samples} samples): the weighted moments would overflow. Divide sample_weight by "
+            "its maximum (or any constant); the ridge solution is unchanged if alpha is divided "
+            "by the same constant."
+        )
+    if not allow_all_zero and not total > 0:
         raise ValueError("sample_weight sums to zero; give at least one sample a positive weight.")
     return s

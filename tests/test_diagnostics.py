@@ -40,7 +40,9 @@ def oracle(Z, Y, s, W0, b0, alpha, fit_intercept):
     sv = np.linalg.svd(A, compute_uv=False)
     out["rank"] = rank
     out["condition_number"] = sv[0] / sv[rank - 1]
-    out["dof"] = np.trace(A @ np.linalg.solve(A.T @ A + alpha * np.eye(A.shape[1]), A.T))
+    # the trace of the weighted hat matrix, the intercept's column unpenalised (it adds 1)
+    pen = np.diag([1.0] * A.shape[1] + [0.0] * (aug.shape[1] - A.shape[1]))
+    out["dof"] = np.trace(aug @ np.linalg.solve(aug.T @ aug + alpha * pen, aug.T))
     out["interpolating"] = np.linalg.matrix_rank(aug[pos]) == pos.sum()
     R = r * Q
     in_span = aug @ np.linalg.pinv(aug) @ R
@@ -139,7 +141,7 @@ def test_rank_deficient_features_use_the_solver_threshold():
     assert diag.rank == np.linalg.matrix_rank(Zc) == 3
     sv = np.linalg.svd(Zc, compute_uv=False)
     assert_allclose(diag.condition_number, sv[0] / sv[2])
-    assert_allclose(diag.dof, np.sum(sv[:3] ** 2 / (sv[:3] ** 2 + 0.1)))
+    assert_allclose(diag.dof, 1 + np.sum(sv[:3] ** 2 / (sv[:3] ** 2 + 0.1)))  # + 1: the intercept
     assert not diag.interpolating
 
 
