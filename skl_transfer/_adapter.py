@@ -158,10 +158,15 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
     extractor's dtype. With ``n_samples >= d`` the weighted means and co-moments of
     (Z, Q) are merged batch by batch (Chan et al.), so memory is O(d^2 + batch_size) and
     the N x d feature matrix is never stored; otherwise the n x n kernel is used.
-    Gram eigenvalues below ``max(max(n, d) * eps64, eps_f**2)`` times the largest
-    (``eps_f``: the machine epsilon of the extractor's dtype) are treated as zero for every alpha,
-    so rank-deficient features give the minimum-norm solution at ``alpha=0`` rather than
-    inf or NaN, and the solution is continuous as alpha goes to 0.
+    The Gram matrix is scaled to a unit diagonal before it is factorised (a change of
+    variables: the penalty stays ``alpha ||dW||^2`` in the features' units), so the solve does
+    not depend on the features' scales. One Cholesky factorisation serves when that matrix is
+    well conditioned; otherwise features held in memory are solved from the data (a QR of the
+    design, as Ridge's svd solver), and streamed moments by an eigendecomposition whose
+    eigenvalues below ``max(max(n, d) * eps64, eps_f**2)`` times the largest (``eps_f``: the
+    machine epsilon of the extractor's dtype) are treated as zero for every alpha, so
+    rank-deficient features give the minimum-norm solution at ``alpha=0`` rather than inf or
+    NaN, and the solution is continuous as alpha goes to 0.
 
     ``partial_fit`` merges the moments of each batch into the running ones (never raw sums),
     so the model after the last batch equals ``fit`` on all the data; memory does not grow

@@ -17,7 +17,7 @@ from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_feature_names, check_is_fitted, validate_data
 
-from . import _diagnostics, _solvers
+from . import _diagnostics, _fingerprint, _solvers
 from ._heads import AdaptedNetwork, LinearGeometry, Prior, as_prior
 from ._torch import (
     accumulate_moments,
@@ -395,8 +395,13 @@ class BaseAdapter(BaseEstimator):
         if device.type == "cpu":
             return self.extractor_
         cached = getattr(self, "_extractor_on_device", None)
-        if cached is None or cached[0] != device:
-            cached = (device, frozen_copy(self.extractor_, device))
+        # copied again when extractor_ was edited since (its tensors' versions, code, hooks)
+        if cached is None or cached[0] != device or not _fingerprint.still_valid(cached[2], self.extractor_):
+            try:
+                state = _fingerprint.fingerprint_state(self.extractor_)
+            except _fingerprint.Unkeyable:
+                state = None  # cannot tell whether it changed: copied again for every call
+            cached = (device, frozen_copy(self.extractor_, device), state)
             self._extractor_on_device = cached
         return cached[1]
 

@@ -5,14 +5,17 @@ A feature row is stored under two keys:
 * the *model key*: the extractor's class, its structure (``repr``), every parameter and
   buffer (name, dtype, shape and bytes), the device it runs on, and the dtype and per-sample
   shape of the inputs;
-* the *row key*: a hash of the input row's bytes.
+* the *row key*: a 128-bit hash of the input row's bytes (:func:`row_keys`, keyed per
+  process, computed for all of X at once; in a directory, SHA-256, the same in every process).
 
 A changed weight, buffer, input value, device or dtype is therefore a miss. Rows are kept
 in the extractor's output precision (bfloat16 as float32, exactly), so a cached feature
 converts to the same float64 value as a fresh one. Two levels:
 
-* :class:`MemoryCache`, one per process, least-recently-used, bounded in bytes
-  (default 1 GiB; :func:`set_cache_limit`);
+* :class:`MemoryCache`, one per process, bounded in bytes (default 1 GiB;
+  :func:`set_cache_limit`): per model key, an index of row keys (sorted numpy runs) and the
+  rows in contiguous chunks; everything it holds is counted (:func:`cache_info`), and whole
+  least-recently-used chunks are evicted;
 * :class:`DiskCache`, an SQLite file in a directory the user names (``cache="dir"``), shared
   by all processes that see the directory (joblib's loky workers, dask workers on one
   machine or on a shared file system with working file locks), unbounded: clear it with
@@ -35,7 +38,7 @@ import torch
 
 from . import _diskcache
 from ._diskcache import DiskCache
-from ._fingerprint import weights_digest
+from ._fingerprint import forget, weights_digest
 
 DEFAULT_LIMIT = 1 << 30  # bytes of feature rows kept in memory per process
 
@@ -167,21 +170,22 @@ _SLOT_MASK = (1 << _SLOT_BITS) - 1
 
 
 def _argsort_keys(hi):
-    """``np.argsort(hi)`` for random 64-bit keys, about three times faster: a plain sort of
-    the keys with their low bits replaced by the index (numpy's vectorised sort), checked."""
+    """``(np.argsort(hi), hi sorted)`` for random 64-bit keys: a plain sort of the keys with
+    their low bits replaced by the index (numpy's vectorised sort, faster than an argsort on
+    a busy machine), checked."""
     n = len(hi)
     bits = max(1, (n - 1).bit_length())
-    if n < 2 or bits > 40:
-        return np.argsort(hi)
-    low = np.uint64((1 << bits) - 1)
-    packed = hi & ~low
-    packed |= np.arange(n, dtype=np.uint64)
-    packed.sort()
-    order = (packed & low).astype(np.int64)
-    sh = hi[order]
-    if not bool((sh[1:] >= sh[:-1]).all()):  # keys equal in their high bits (rare)
-        return np.argsort(hi)
-    return order
+    if n >= 2 and bits <= 40:
+        low = np.uint64((1 << bits) - 1)
+        packed = hi & ~low
+        packed |= np.arange(n, dtype=np.uint64)
+        packed.sort()
+        order = (packed & low).astype(np.int64)
+        sh = hi[order]
+        if bool((sh[1:] >= sh[:-1]).all()):
+            return order, sh
+    order = np.argsort(hi)  # keys equal in their high bits (rare), or tiny n
+    return order, hi[order]
 
 
 class _Chunk:
@@ -273,6 +277,8 @@ class _Shelf:
             todo = np.flatnonzero(loc < 0)
             if not todo.size:
                 break
+            if not len(rh):  # every entry of the run was dropped (evicted)
+                continue
             q = hi[todo]
             pos = np.minimum(np.searchsorted(rh, q), len(rh) - 1)
             eq = rh[pos] == q
@@ -365,8 +371,11 @@ class MemoryCache:
         self._locks = {}
 
     def lock(self, mkey):
-        with self._guard:
-            return self._locks.setdefault(mkey, threading.RLock())
+        lock = self._locks.get(mkey)
+        if lock is None:
+            with self._guard:
+                lock = self._locks.setdefault(mkey, threading.RLock())
+        return lock
 
     def _touch(self, unit):
         self._lru.move_to_end(unit)
@@ -400,34 +409,51 @@ class MemoryCache:
             if shelf is None:
                 shelf = self._shelves[mkey] = _Shelf(mkey)
                 self._lru[shelf] = None
-            if shelf.runs:
+            everything = not shelf.runs  # a model key seen for the first time: no lookup
+            if everything:
+                loc, miss, mh, ml = None, None, hi, lo
+            else:
                 loc = shelf.lookup(hi, lo)
                 miss = np.flatnonzero(loc < 0)
-            else:  # a model key seen for the first time: nothing to look up
-                loc = np.full(len(hi), -1, np.int64)
-                miss = np.arange(len(hi))
-            if miss.size:
                 mh, ml = hi[miss], lo[miss]
-                order = _argsort_keys(mh)
-                sh, sl = mh[order], ml[order]
+            if len(mh):
+                order, sh = _argsort_keys(mh)
+                sl = ml[order]
                 if bool(((sh[1:] == sh[:-1]) & (sl[1:] != sl[:-1])).any()):
                     order = np.lexsort((ml, mh))  # equal high words of different keys (rare)
                     sh, sl = mh[order], ml[order]
                 first = np.ones(len(order), bool)
                 first[1:] = (sh[1:] != sh[:-1]) | (sl[1:] != sl[:-1])
-                group = np.cumsum(first) - 1
-                # slots in the order of X: each distinct key at its first appearance
-                starts = np.minimum.reduceat(order, np.flatnonzero(first))
-                is_start = np.zeros(len(order), bool)
-                is_start[starts] = True
-                rank = (np.cumsum(is_start) - 1)[starts]
-                seg = _Segment(shelf, shelf.next_id, len(starts))
+                distinct = bool(first.all())
+                if distinct:  # the common case: slot i for the i-th missing row
+                    starts = order
+                    n_new = len(order)
+                else:  # slots in the order of X: each distinct key at its first appearance
+                    group = np.cumsum(first) - 1
+                    starts = np.minimum.reduceat(order, np.flatnonzero(first))
+                    is_start = np.zeros(len(order), bool)
+                    is_start[starts] = True
+                    rank = (np.cumsum(is_start) - 1)[starts]  # slot of each distinct key
+                    n_new = len(starts)
+                seg = _Segment(shelf, shelf.next_id, n_new)
                 shelf.next_id += 1
                 shelf.segments[seg.id] = seg
-                slots = (seg.id << _SLOT_BITS) | rank
-                loc[miss[order]] = slots[group]
-                shelf.add_run((sh[first], sl[first], slots))
+                base = seg.id << _SLOT_BITS
+                if distinct:
+                    new_loc = base + np.arange(len(order), dtype=np.int64)
+                    run_loc = base + order
+                else:
+                    run_loc = base + rank
+                    new_loc = np.empty(len(order), np.int64)
+                    new_loc[order] = run_loc[group]
+                if everything:
+                    loc = new_loc
+                else:
+                    loc[miss] = new_loc
+                shelf.add_run((sh, sl, run_loc) if distinct else (sh[first], sl[first], run_loc))
                 shelf.resize(self)
+            elif everything:
+                loc = np.empty(0, np.int64)
             self._touch(shelf)
             self._evict()
             return shelf, loc
@@ -626,6 +652,7 @@ def clear_cache(directory=None):
     errors of a broken cache directory name.
     """
     _MEMORY.clear()
+    forget()  # the determinism verdicts of the models seen so far
     if directory is not None:
         directory = os.path.abspath(os.fspath(directory))
         with _DISKS_GUARD:

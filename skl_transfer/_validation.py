@@ -69,7 +69,9 @@ def check_sample_weight(sample_weight, n_samples, allow_all_zero=False):
         return np.ones(n_samples)
     if not isinstance(sample_weight, numbers.Number):
         sample_weight = to_numpy(sample_weight)
-    s = _check_sample_weight(sample_weight, np.empty((n_samples, 0)), dtype=np.float64)
+    s = _check_sample_weight(
+        sample_weight, np.empty((n_samples, 0)), dtype=np.float64, allow_all_zero_weights=True
+    )
     if (s < 0).any():
         raise ValueError(f"Negative values in sample_weight (min {s.min():g}); weights must be >= 0.")
     with np.errstate(over="ignore", invalid="ignore"):
