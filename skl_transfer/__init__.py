@@ -8,11 +8,16 @@ from ._baselines import GradientDescentAdapter, GradientDescentClassifier
 from ._cache import cache_info, clear_cache, set_cache_limit
 from ._classifier import LayerVariationalClassifier
 from ._cv import LayerVariationalAdapterCV
+from ._diskcache import CacheDirectoryError, CacheLockTimeout
+from ._fingerprint import CacheKeyWarning
 from ._transferability import logme, transferability
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheDirectoryError",
+    "CacheKeyWarning",
+    "CacheLockTimeout",
     "GradientDescentAdapter",
     "GradientDescentClassifier",
     "LayerVariationalAdapter",

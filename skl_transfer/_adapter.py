@@ -105,9 +105,12 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
         extractor on each distinct sample once. True: in this process's memory (least
         recently used rows evicted beyond 1 GiB; see :func:`skl_transfer.set_cache_limit`).
         A directory (or a ``joblib.Memory``): also in an SQLite file there, shared by worker
-        processes (``n_jobs > 1``, dask). False or None: no cache. Keys cover the extractor's
-        class, repr, parameters and buffers (bitwise), the input bytes, device and dtype;
-        a cached feature is bitwise the one the extractor computed.
+        processes (``n_jobs > 1``, dask); it must be owned by you and not writable by others.
+        False or None: no cache. Keys cover the extractor's code (its classes' methods and what
+        they call), hooks, parameters, buffers and attributes, the input bytes, device and
+        dtype; a cached feature is bitwise the one the extractor computed. An extractor that
+        cannot be keyed, or that is not deterministic, is not cached (a ``CacheKeyWarning``
+        says why).
 
     Attributes
     ----------
