@@ -519,13 +519,9 @@ class MemoryCache:
             no = slot // R
             if seg is None or seg.state[no] == _EVICTED:
                 return
-            chunk = seg.chunks.get(no)
+            chunk = self._chunk(shelf, seg, no)
             if chunk is None:
-                chunk = self._allocate(shelf, seg, no)
-                if chunk is None:
-                    return
-            else:
-                self._touch(chunk)
+                return
             off = slot - no * R
             new = b - int(np.count_nonzero(chunk.filled[off : off + b]))
             chunk.data[off : off + b] = rows
@@ -533,6 +529,15 @@ class MemoryCache:
             chunk.n_filled += new
             self.rows += new
             self._touch(shelf)
+
+    def _chunk(self, shelf, seg, no):
+        """Chunk ``no`` of ``seg`` to fill: the stored one (touched), or a new one; None when
+        it was evicted at once."""
+        chunk = seg.chunks.get(no)
+        if chunk is None:
+            return self._allocate(shelf, seg, no)
+        self._touch(chunk)
+        return chunk
 
     def _allocate(self, shelf, seg, no):
         """A new chunk (evicting as needed), or None when it was evicted at once."""
@@ -564,13 +569,9 @@ class MemoryCache:
             for at, seg, no, off in self._chunks_of(shelf, loc):
                 if not shelf.alive or seg.state[no] == _EVICTED:
                     continue
-                chunk = seg.chunks.get(no)
+                chunk = self._chunk(shelf, seg, no)
                 if chunk is None:
-                    chunk = self._allocate(shelf, seg, no)
-                    if chunk is None:
-                        continue
-                else:
-                    self._touch(chunk)
+                    continue
                 fresh = off[~chunk.filled[off]]
                 if len(fresh) > 1 and not bool((fresh[1:] > fresh[:-1]).all()):
                     fresh = np.unique(fresh)  # a sample repeated in the batch
