@@ -2,8 +2,8 @@
 
 A feature row is stored under two keys:
 
-* the *model key*: the extractor's class, its structure (``repr``), every parameter and
-  buffer (name, dtype, shape and bytes), the device it runs on, and the dtype and per-sample
+* the *model key*: the extractor's digest (:mod:`._fingerprint`: its code, hooks,
+  parameters, buffers and attributes), the device it runs on, and the dtype and per-sample
   shape of the inputs;
 * the *row key*: a 128-bit hash of the input row's bytes (:func:`row_keys`, keyed per
   process, computed for all of X at once; in a directory, SHA-256, the same in every process).
@@ -21,9 +21,9 @@ converts to the same float64 value as a fresh one. Two levels:
   machine or on a shared file system with working file locks), unbounded: clear it with
   :func:`clear_cache` or delete the directory.
 
-Missing rows are computed while holding a lock (a thread lock per model key, and SQLite's
-write lock for a directory), so concurrent threads or processes never run the extractor
-twice on the same sample.
+Missing rows are computed while holding a lock per model key (a thread lock, and a file lock
+in a directory, :mod:`._diskcache`), so concurrent threads or processes never run the
+extractor twice on the same sample, and other models do not wait.
 """
 
 from __future__ import annotations
