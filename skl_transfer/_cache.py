@@ -38,7 +38,7 @@ import torch
 
 from . import _diskcache
 from ._diskcache import DiskCache
-from ._fingerprint import forget, weights_digest
+from ._fingerprint import fingerprint, forget
 
 DEFAULT_LIMIT = 1 << 30  # bytes of feature rows kept in memory per process
 
@@ -731,7 +731,7 @@ class CachedExtractor:
     def __init__(self, cache, net, device, input_dtype, X, digest=None):
         self.use_memory, self.disk = resolve(cache)
         kind = f"tensor:{X.dtype}" if isinstance(X, torch.Tensor) else f"numpy:{X.dtype.str}"
-        self.digest = weights_digest(net) if digest is None else digest
+        self.digest = fingerprint(net) if digest is None else digest
         self.mkey = model_key(self.digest, device, input_dtype, X.shape[1:], kind)
         self.keys = _keys_of(X)
         self._shelf = self._slots = self._run_start = None

@@ -559,11 +559,6 @@ def fingerprint_state(net):
     return Digest("", w.h.hexdigest(), _refs(w.tensors))
 
 
-def weights_digest(net):
-    """Alias of :func:`fingerprint` (the name :mod:`skl_transfer._cache` imports)."""
-    return fingerprint(net)
-
-
 def still_valid(digest, net):
     """Whether ``digest`` is a :class:`Digest` that ``net`` still matches."""
     return isinstance(digest, Digest) and digest.matches(net)
