@@ -100,10 +100,13 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
         Where the extractor runs: "auto" is cuda when available, else cpu.
     verbose : int, default=0
         Print the time of the forward pass and of the solve when > 0.
-    cache : bool, str, os.PathLike or joblib.Memory, default=True
+    cache : "auto", bool, str, os.PathLike or joblib.Memory, default="auto"
         Feature cache, so that searches, cross-validation and learning curves run the
         extractor on each distinct sample once. True: in this process's memory (least
         recently used rows evicted beyond 1 GiB; see :func:`skl_transfer.set_cache_limit`).
+        "auto": the same, for each extractor whose rows cost more to compute than to cache
+        (measured on its first fit in the process: the cache's work is at most 30 % of the
+        extractor's and the estimator's on the first batch); others run as with False.
         A directory (or a ``joblib.Memory``): also in an SQLite file there, shared by worker
         processes (``n_jobs > 1``, dask); it must be owned by you and not writable by others.
         False or None: no cache. Keys cover the extractor's code (its classes' methods and what
@@ -219,7 +222,7 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
         batch_size=256,
         device="auto",
         verbose=0,
-        cache=True,
+        cache="auto",
     ):
         self.extractor = extractor
         self.head = head

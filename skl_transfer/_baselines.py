@@ -107,7 +107,7 @@ class _GradientDescentBase(BaseAdapter):
         fit_intercept="auto",
         device="auto",
         verbose=0,
-        cache=True,
+        cache="auto",
     ):
         self.extractor = extractor
         self.head = head

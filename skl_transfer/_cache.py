@@ -31,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections import OrderedDict
 
 import numpy as np
@@ -41,6 +42,64 @@ from ._diskcache import DiskCache
 from ._fingerprint import fingerprint, forget
 
 DEFAULT_LIMIT = 1 << 30  # bytes of feature rows kept in memory per process
+
+AUTO = "auto"
+# cache="auto" caches a model when the cache's measured cost per row is at most this share of
+# computing the row (the extractor, and the estimator's work on its features), so that a first
+# fit costs at most about 1 + AUTO_SHARE times an uncached one
+AUTO_SHARE = 0.3
+# what the cache does per row (hash, index, store, the moments key, bookkeeping) against what
+# choose() times of it on the first batch (hash, sort of the keys, copy of the rows);
+# benchmarks/bench_cache.py measures the real share
+_AUTO_COST_FACTOR = 2.5
+_AUTO_SAMPLE_ROWS = 128  # rows of the first batch that choose() times the cache's work on
+_CHOICES = OrderedDict()  # model key -> whether cache="auto" caches it (this process)
+_CHOICES_MAX = 4096
+_CHOICES_GUARD = threading.Lock()
+
+
+def _worth_caching(cache_seconds, compute_seconds):
+    """``cache="auto"``'s rule, per row: cache when the cache costs at most AUTO_SHARE of computing."""
+    return cache_seconds <= AUTO_SHARE * compute_seconds
+
+
+_MEASURING = {}  # model key -> (thread id, Event set when that thread's measurement ends)
+_MEASURE_WAIT = 600.0  # seconds a fit waits for another thread's measurement, at most
+
+
+def auto_choice(mkey):
+    """``(choice, claim)``: whether ``cache="auto"`` caches this model, True or False; or
+    ``None``: not known yet, and the caller is to measure it, holding ``claim`` (None if this
+    thread already measures it in another fit). While another thread measures the same model,
+    waits for its choice, so that concurrent fits compute each row once."""
+    deadline = time.monotonic() + _MEASURE_WAIT
+    me = threading.get_ident()
+    while True:
+        with _CHOICES_GUARD:
+            choice = _CHOICES.get(mkey)
+            if choice is not None:
+                return choice, None
+            claim = _MEASURING.get(mkey)
+            if claim is None:
+                claim = _MEASURING[mkey] = (me, threading.Event())
+                return None, claim
+            if claim[0] == me or time.monotonic() > deadline:
+                return None, None
+        claim[1].wait(1.0)
+
+
+def _end_measuring(mkey, choice, claim):
+    """Record the choice (None: the measurement was abandoned) and, for the fit that holds
+    the ``claim``, wake the fits waiting for it."""
+    with _CHOICES_GUARD:
+        if choice is not None:
+            _CHOICES[mkey] = choice
+            _CHOICES.move_to_end(mkey)
+            while len(_CHOICES) > _CHOICES_MAX:
+                _CHOICES.popitem(last=False)
+        if claim is not None and _MEASURING.get(mkey) is claim:
+            del _MEASURING[mkey]
+            claim[1].set()
 
 
 def model_key(digest, device, input_dtype, input_shape, input_kind):
@@ -654,6 +713,8 @@ def clear_cache(directory=None):
     """
     _MEMORY.clear()
     forget()  # the determinism verdicts of the models seen so far
+    with _CHOICES_GUARD:
+        _CHOICES.clear()  # and the "auto" choices
     if directory is not None:
         directory = os.path.abspath(os.fspath(directory))
         with _DISKS_GUARD:
@@ -668,7 +729,8 @@ def cache_info():
 
 
 def resolve(cache):
-    """The estimator's ``cache`` parameter -> (use memory cache, DiskCache or None).
+    """The estimator's ``cache`` parameter -> (memory cache: False, True or ``"auto"``;
+    DiskCache or None).
 
     A directory's DiskCache is made once per process (its checks raise
     :class:`~skl_transfer._diskcache.CacheDirectoryError`); its trust is re-checked (a few
@@ -676,8 +738,8 @@ def resolve(cache):
     """
     if cache is False or cache is None:
         return False, None
-    if cache is True:
-        return True, None
+    if cache is True or cache == AUTO:
+        return cache, None
     location = getattr(cache, "location", cache)  # joblib.Memory
     if location is None:
         return True, None
@@ -685,7 +747,7 @@ def resolve(cache):
         location = os.fspath(location)
     except TypeError:
         raise TypeError(
-            f"cache must be True, False, a directory (str or path) or a joblib.Memory; got {cache!r}."
+            f"cache must be 'auto', True, False, a directory (str or path) or a joblib.Memory; got {cache!r}."
         ) from None
     location = os.fsdecode(location)
     if not location:
@@ -729,12 +791,46 @@ class CachedExtractor:
     """
 
     def __init__(self, cache, net, device, input_dtype, X, digest=None):
-        self.use_memory, self.disk = resolve(cache)
+        memory, self.disk = resolve(cache)
+        self.use_memory = bool(memory)
         kind = f"tensor:{X.dtype}" if isinstance(X, torch.Tensor) else f"numpy:{X.dtype.str}"
         self.digest = fingerprint(net) if digest is None else digest
         self.mkey = model_key(self.digest, device, input_dtype, X.shape[1:], kind)
-        self.keys = _keys_of(X)
+        self.keys = None
         self._shelf = self._slots = self._run_start = None
+        # cache="auto": ``off`` once this model is known not to pay for the cache; while
+        # ``_pending`` is a dict, the model is being measured (its first fit in this process):
+        # rows are computed and kept here until choose() decides
+        choice, self._claim = auto_choice(self.mkey) if memory == AUTO else (True, None)
+        self.off = choice is False
+        self._pending = {} if choice is None else None
+        self._timed = [0.0, 0, None]  # extractor seconds, rows, slice of the first batch
+        self.check = None  # the determinism probe of a measured model: first row -> may cache
+        if choice:
+            self._index(X)
+
+    def abandon(self):
+        """End a measurement without a choice (the fit stopped before its first batch was
+        used, or had none): another fit of the model measures it."""
+        if self._pending is not None:
+            self._pending = None
+            self.off = True
+            _end_measuring(self.mkey, None, self._claim)
+
+    def __del__(self):
+        try:
+            self.abandon()
+        except Exception:  # noqa: BLE001 (interpreter shutdown)
+            pass
+
+    @property
+    def measuring(self):
+        """Whether ``cache="auto"`` is measuring this model (see :meth:`choose`)."""
+        return self._pending is not None
+
+    def _index(self, X):
+        """Hash all of X and reserve a slot for each row in the memory cache."""
+        self.keys = _keys_of(X)
         if self.use_memory:
             self._shelf, self._slots = _MEMORY.reserve(self.mkey, self.keys)
         if self._slots is not None and len(self._slots):
@@ -745,8 +841,39 @@ class CachedExtractor:
             brk[1:] = s[1:] != s[:-1] + 1
             self._run_start = np.maximum.accumulate(np.where(brk, np.arange(len(s)), 0))
 
+    def choose(self, X, consumer_seconds):
+        """``cache="auto"``, on a model's first fit: after the first batch (and the estimator's
+        work on it, ``consumer_seconds``), time what the cache would do with those rows, and
+        cache the model from now on only if that is at most :data:`AUTO_SHARE` of computing
+        them; the rows computed so far are then stored. No-op otherwise."""
+        pending, self._pending = self._pending, None
+        seconds, n_rows, sl = self._timed
+        if pending is None or sl is None:
+            self._pending = pending
+            return
+        m = min(n_rows, _AUTO_SAMPLE_ROWS)
+        start = time.perf_counter()
+        keys = _keys_of(X[sl.start : sl.start + m])
+        _argsort_keys(keys[:, 0].copy())
+        pending[sl.start, sl.stop][1][:m].copy()
+        cache_row = _AUTO_COST_FACTOR * (time.perf_counter() - start) / m
+        compute_row = (seconds + consumer_seconds) / n_rows
+        chosen = _worth_caching(cache_row, compute_row)
+        if chosen and self.check is not None and (0, 1) in pending:
+            chosen = self.check(from_storage(*pending[0, 1]))  # the determinism probe
+        if chosen:
+            self._index(X)
+            for (a, b), (tag, rows) in pending.items():
+                self.features(X, slice(a, b), lambda idx, rows=rows, tag=tag: from_storage(tag, rows[idx]))
+        else:
+            self.off = True
+        _end_measuring(self.mkey, chosen, self._claim)  # the rows are stored: wake the waiting fits
+
     def moments_key(self, *arrays):
-        """Key of the moments of these rows with these targets, weights and prior."""
+        """Key of the moments of these rows with these targets, weights and prior (None while
+        ``cache="auto"`` is measuring this model: nothing of it is cached yet)."""
+        if self.keys is None:
+            return _Deferred(arrays)
         h = hashlib.sha256(self.mkey.encode())  # SHA-256: about twice BLAKE2's speed here
         h.update(self.keys.tobytes())
         for a in arrays:
@@ -756,11 +883,15 @@ class CachedExtractor:
         return h.hexdigest()
 
     def get_moments(self, key):
-        if not self.use_memory:
+        if not self.use_memory or isinstance(key, _Deferred):
             return None
         return _MEMORY.get_moments(self.mkey, key)
 
     def put_moments(self, key, moments):
+        if isinstance(key, _Deferred):  # measured during this fit: cached if chosen since
+            if self.keys is None or self.off:
+                return
+            key = self.moments_key(*key.arrays)
         if self.use_memory:
             _MEMORY.put_moments(self.mkey, key, moments)
 
@@ -769,6 +900,18 @@ class CachedExtractor:
 
         ``compute(indices)`` runs the extractor on the rows ``sl`` at those positions.
         """
+        if self.off:
+            return compute(slice(None))
+        if self._pending is not None:  # cache="auto", measuring: compute, keep, time
+            span = (sl.start, sl.stop)
+            held = self._pending.get(span)
+            if held is not None:
+                return from_storage(*held)
+            start = time.perf_counter()
+            held = self._pending[span] = to_storage(compute(slice(None)))
+            if sl.start > 0 and self._timed[2] is None:  # the first batch (not the probe's row)
+                self._timed = [time.perf_counter() - start, sl.stop - sl.start, sl]
+            return from_storage(*held)
         rng = range(X.shape[0])[sl]
         b = len(rng)
         shelf = self._shelf
@@ -831,11 +974,22 @@ class CachedExtractor:
                 found[i] = (f[0], np.frombuffer(f[1], dtype=_storage_dtype(f[0])))
 
 
+class _Deferred:
+    """A moments key not computed yet (``cache="auto"`` measuring the model)."""
+
+    __slots__ = ("arrays",)
+
+    def __init__(self, arrays):
+        self.arrays = arrays
+
+
 def _reset_locks_after_fork():
     """In a forked child, no thread of the parent runs on: locks they held would never be
     released, so the child gets fresh ones (and closes the parent's inherited lock files)."""
-    global _DISKS_GUARD
+    global _DISKS_GUARD, _CHOICES_GUARD
     _DISKS_GUARD = threading.Lock()
+    _CHOICES_GUARD = threading.Lock()
+    _MEASURING.clear()  # measurements of the parent's threads never end here
     _diskcache.after_fork_in_child()
     _MEMORY.reset_locks()
 

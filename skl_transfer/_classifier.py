@@ -173,7 +173,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         batch_size=256,
         device="auto",
         verbose=0,
-        cache=True,
+        cache="auto",
     ):
         self.extractor = extractor
         self.head = head

@@ -90,7 +90,7 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
         Where the extractor runs.
     verbose : int, default=0
         Print the time of the forward pass, the search and the refit when > 0.
-    cache : bool, str, os.PathLike or joblib.Memory, default=True
+    cache : "auto", bool, str, os.PathLike or joblib.Memory, default="auto"
         Feature cache, as in :class:`LayerVariationalAdapter`.
 
     Attributes
@@ -151,7 +151,7 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
         batch_size=256,
         device="auto",
         verbose=0,
-        cache=True,
+        cache="auto",
     ):
         self.extractor = extractor
         self.head = head

@@ -92,6 +92,9 @@ def _version(t):
         return -1
 
 
+_SAMPLE_INDEX: dict = {}  # number of elements -> the sampled positions
+
+
 def _sample(t):
     """A few elements of ``t`` (its bytes): sees a rewrite that bumps no version counter (through
     ``.data`` or a numpy view) when it changes one of them."""
@@ -100,8 +103,10 @@ def _sample(t):
         n = flat.shape[0]
         if n == 0 or t.is_quantized or t.layout != torch.strided:
             return b""
-        idx = torch.linspace(0, n - 1, min(n, 8), device=flat.device).long()
-        return _tensor_bytes(flat[idx])
+        idx = _SAMPLE_INDEX.get(n)
+        if idx is None:
+            idx = _SAMPLE_INDEX[n] = torch.linspace(0, n - 1, min(n, 8), dtype=torch.float64).long()
+        return _tensor_bytes(flat[idx.to(flat.device)])
     except Exception:
         return b""
 
@@ -226,15 +231,18 @@ class _Walk:
     """One traversal: a hash of everything but tensor contents, and the tensors met, in order."""
 
     def __init__(self):
-        self.h = hashlib.blake2b(digest_size=20)
+        self._parts = []  # what is hashed, joined once by hexdigest()
         self.tensors = []
         self._seen = {}
         self._alive = []  # keeps every object met alive during the walk: ids stay unique
 
     def put(self, *parts):
-        for p in parts:
-            self.h.update(p if isinstance(p, bytes) else str(p).encode())
-            self.h.update(b"\0")
+        self._parts.extend(parts)
+
+    def hexdigest(self):
+        # str() of a bytes part is its repr: still one string per distinct value
+        data = "\0".join(map(str, self._parts)).encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(data, digest_size=20).hexdigest()
 
     def _ref(self, obj):
         """True (and a back-reference hashed) when ``obj`` was met before."""
@@ -291,7 +299,7 @@ class _Walk:
                 sub._seen, sub._alive = self._seen, self._alive
                 sub.value(x, strict, where)
                 self.tensors += sub.tensors
-                subs.append(sub.h.hexdigest())
+                subs.append(sub.hexdigest())
             self.put(t.__qualname__, *sorted(subs))
         elif isinstance(v, torch.nn.Module):
             self.module(v, where)
@@ -519,7 +527,7 @@ class Digest(str):
             w = _walk(net)
         except Unkeyable:
             return False
-        return w.h.hexdigest() == self._stamp and _same_refs(self._refs, _refs(w.tensors))
+        return w.hexdigest() == self._stamp and _same_refs(self._refs, _refs(w.tensors))
 
 
 def _refs(tensors):
@@ -541,7 +549,7 @@ def _same_refs(a, b):
 def fingerprint(net):
     """The :class:`Digest` of an extractor; raises :class:`Unkeyable` when part of it cannot be keyed."""
     w = _walk(net)
-    stamp = w.h.hexdigest()
+    stamp = w.hexdigest()
     h = hashlib.blake2b(stamp.encode(), digest_size=20)
     try:
         for t in w.tensors:
@@ -556,7 +564,7 @@ def fingerprint_state(net):
     """A :class:`Digest` of ``net`` without its value (tensor contents are not hashed), for
     :meth:`Digest.matches` only: whether ``net`` changes between two points."""
     w = _walk(net)
-    return Digest("", w.h.hexdigest(), _refs(w.tensors))
+    return Digest("", w.hexdigest(), _refs(w.tensors))
 
 
 def still_valid(digest, net):

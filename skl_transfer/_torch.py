@@ -8,6 +8,7 @@ device policy, the private frozen copy of the extractor, batched inference under
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 
 import numpy as np
@@ -187,6 +188,11 @@ def cached_extractor(net, X, cache, digest=None):
     extractor runs on it twice (CPU and the device's random state restored in between) and
     must give the same bits and leave its state (tensors' version counters, attributes) as it
     was; only then is the row stored. Otherwise the extractor is not cached (a warning says why).
+
+    With ``cache="auto"`` and a model not measured yet in this process, the returned cache is
+    *measuring* (:meth:`CachedExtractor.choose`): the stream runs the first sample once, and
+    the probe's second run happens only if the model is then chosen for caching. With
+    ``"auto"`` and a model measured not to pay for the cache, returns None.
     """
     if net is None or cache is False or cache is None:
         return None
@@ -198,37 +204,52 @@ def cached_extractor(net, X, cache, digest=None):
             return None
     device, dtype = module_device(net), floating_dtype(net)
     cached = CachedExtractor(cache, net, device, dtype, X, digest)
+    if cached.off:  # cache="auto" and this model costs less to compute than to cache
+        return None
     if X.shape[0] == 0:
         return cached
 
-    def twice(idx):  # the cache's compute for the first row: run it twice, compare, then store
-        rows = np.arange(1)[idx]
-        devices = [device.index or 0] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            first = _forward_rows(net, X, rows, device, dtype)
-            after_first = _fingerprint.fingerprint_state(net)
-            second = _forward_rows(net, X, rows, device, dtype)
-        if not after_first.matches(net):
-            raise _fingerprint.NotDeterministic(
-                "state",
-                f"{type(net).__name__}.forward (or one of its hooks) changes its own parameters, "
-                "buffers, attributes or hook state",
-            )
-        if not _fingerprint.same_bits(first, second):
-            raise _fingerprint.NotDeterministic(
-                "random", f"{type(net).__name__} gave other features for the same sample on a second run"
-            )
-        return first
+    def verdict(probe):  # None if the extractor may be cached; else warned once, not cached
+        found = _fingerprint.verify(cached.mkey, probe)
+        if found is not None:
+            _fingerprint.warn_once(found)
+        return found
 
-    def probe():
+    if cached.measuring:
+        # cache="auto": the stream computes the first sample once; only if the model is to be
+        # cached does the probe run it again (cached.choose), so uncached models pay nothing
+        cached.check = lambda first: verdict(lambda: _probe(net, X, device, dtype, first)) is None
+        return cached
+
+    def probe():  # the cache's compute for the first row: run twice, compared, then stored
         with torch.inference_mode():
-            cached.features(X, slice(0, 1), twice)
+            cached.features(X, slice(0, 1), lambda idx: _probe(net, X, device, dtype))
 
-    verdict = _fingerprint.verify(cached.mkey, probe)
-    if verdict is not None:
-        _fingerprint.warn_once(verdict)
-        return None
-    return cached
+    return cached if verdict(probe) is None else None
+
+
+def _probe(net, X, device, dtype, first=None):
+    """The determinism probe: the first sample of X through ``net`` (again, if ``first`` holds
+    its features from a run in the stream) with the random state restored afterwards; raises
+    :class:`~skl_transfer._fingerprint.NotDeterministic` when a second run gives other bits or
+    changes the module's state. Returns the features."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.inference_mode(), torch.random.fork_rng(devices=devices):
+        if first is None:
+            first = _forward_rows(net, X, np.arange(1), device, dtype)
+        state = _fingerprint.fingerprint_state(net)
+        second = _forward_rows(net, X, np.arange(1), device, dtype)
+    if not state.matches(net):
+        raise _fingerprint.NotDeterministic(
+            "state",
+            f"{type(net).__name__}.forward (or one of its hooks) changes its own parameters, "
+            "buffers, attributes or hook state",
+        )
+    if not _fingerprint.same_bits(first, second):
+        raise _fingerprint.NotDeterministic(
+            "random", f"{type(net).__name__} gave other features for the same sample on a second run"
+        )
+    return first
 
 
 def feature_batches(net, X, batch_size, cached=None):
@@ -250,33 +271,44 @@ def feature_batches(net, X, batch_size, cached=None):
     # The first sample goes alone: shape errors and the feature size surface after one
     # sample, before the bulk of the work.
     starts = [0, *range(1, n, batch_size)] if net is not None else range(0, n, batch_size)
-    for start in starts:
-        sl = slice(start, 1 if start == 0 and net is not None else min(start + batch_size, n))
-        if net is None:
-            yield sl, torch.from_numpy(X[sl]), torch.float64, X.shape[1:]
-            continue
-        with torch.inference_mode():
-            if cached is None:
-                raw = _forward_rows(net, X, sl, device, dtype)
-            else:
-                raw = cached.features(
-                    X,
-                    sl,
-                    lambda idx, sl=sl: _forward_rows(
-                        net, X, np.arange(sl.start, sl.stop)[idx], device, dtype
-                    ),
-                )
-            if start == 0:
-                first_shape = tuple(raw.shape[1:])
-            elif tuple(raw.shape[1:]) != first_shape:
-                raise ValueError(
-                    f"The extractor returned per-sample shape {tuple(raw.shape[1:])} for samples "
-                    f"{sl.start} to {sl.stop - 1}, but {first_shape} for sample 0; the features of "
-                    "every sample must have one shape (pool or pad variable-size outputs in the "
-                    "extractor)."
-                )
-            Z = raw.reshape(raw.shape[0], -1).to(device=device, dtype=torch.float64)
-        yield sl, Z, raw.dtype, tuple(raw.shape[1:])
+    try:
+        for start in starts:
+            sl = slice(start, 1 if start == 0 and net is not None else min(start + batch_size, n))
+            if net is None:
+                yield sl, torch.from_numpy(X[sl]), torch.float64, X.shape[1:]
+                continue
+            if cached is not None and cached.off:  # cache="auto" chose not to cache this model
+                cached = None
+            with torch.inference_mode():
+                if cached is None:
+                    raw = _forward_rows(net, X, sl, device, dtype)
+                else:
+                    raw = cached.features(
+                        X,
+                        sl,
+                        lambda idx, sl=sl: _forward_rows(
+                            net, X, np.arange(sl.start, sl.stop)[idx], device, dtype
+                        ),
+                    )
+                if start == 0:
+                    first_shape = tuple(raw.shape[1:])
+                elif tuple(raw.shape[1:]) != first_shape:
+                    raise ValueError(
+                        f"The extractor returned per-sample shape {tuple(raw.shape[1:])} for samples "
+                        f"{sl.start} to {sl.stop - 1}, but {first_shape} for sample 0; the features of "
+                        "every sample must have one shape (pool or pad variable-size outputs in the "
+                        "extractor)."
+                    )
+                Z = raw.reshape(raw.shape[0], -1).to(device=device, dtype=torch.float64)
+            handed = time.perf_counter()
+            yield sl, Z, raw.dtype, tuple(raw.shape[1:])
+            if cached is not None and start > 0 and cached.measuring:
+                # cache="auto" on a model's first fit: the extractor's and the consumer's time
+                # on this batch against the cache's decide whether the cache serves this model
+                cached.choose(X, time.perf_counter() - handed)
+    finally:
+        if cached is not None:
+            cached.abandon()  # a stream closed before cache="auto" could choose
 
 
 def _as_device_arrays(device, *arrays):

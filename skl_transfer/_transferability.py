@@ -138,7 +138,7 @@ def transferability(
     fit_intercept="auto",
     batch_size=256,
     device="auto",
-    cache=True,
+    cache="auto",
 ):
     """Estimate how well adapting the last layer will transfer to the target data ``(X, y)``.
 
@@ -175,8 +175,9 @@ def transferability(
 
     Notes
     -----
-    The extractor runs once when the feature cache is on (the default): the probe's fit reads
-    the features cached by the first. All errors are means over samples and outputs (weighted by
+    The extractor runs once when the feature cache holds the model (``cache=True``, or the
+    default ``"auto"`` for an extractor worth caching): the probe's fit reads the features
+    cached by the first. All errors are means over samples and outputs (weighted by
     ``sample_weight``), as the negative of :class:`LayerVariationalAdapterCV`'s default
     leave-one-out score.
 

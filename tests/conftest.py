@@ -4,14 +4,21 @@ import pytest
 import torch
 from torch import nn
 
-from skl_transfer import clear_cache
+from skl_transfer import _cache, clear_cache
 
 
 @pytest.fixture(autouse=True)
-def _seed_and_empty_cache():
-    """Each test starts with seeded torch and an empty in-memory feature cache."""
+def _seed_and_empty_cache(monkeypatch):
+    """Each test starts with seeded torch and an empty in-memory feature cache.
+
+    The default ``cache="auto"`` chooses by measured time whether a model is worth caching;
+    the tiny networks here never are. So that tests which count the extractor's rows are
+    deterministic, "auto" caches every model here (after measuring it, so its measuring path
+    runs on every first fit); tests/test_cache_auto.py tests the real choice.
+    """
     torch.manual_seed(0)
     clear_cache()
+    monkeypatch.setattr(_cache, "_worth_caching", lambda cache_seconds, compute_seconds: True)
 
 
 class RowCounter:
