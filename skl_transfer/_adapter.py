@@ -15,7 +15,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from . import _solvers
 from ._base import AdapterRegressorMixin, BaseAdapter, MomentsMixin
 from ._dask import dask_moments, is_dask_array
-from ._torch import PerturbResidue, accumulate_moments, gather_design, is_tensor, to_numpy
+from ._features import gather_design
+from ._moments import accumulate_moments
+from ._perturb import PerturbResidue
+from ._torch import host_bits, is_tensor, to_numpy
 from ._validation import check_sample_weight, native_byte_order
 
 # The moments of a perturb fit and the squared norms of its residue's terms (one cache entry):
@@ -23,11 +26,6 @@ from ._validation import check_sample_weight, native_byte_order
 _PerturbMoments = NamedTuple(
     "_PerturbMoments", [*_solvers.Moments.__annotations__.items(), ("terms_sq", dict)]
 )
-
-
-def _host_bytes(X):
-    """X as a numpy array to hash (a tensor copied to the host; bfloat16 as float32, exactly)."""
-    return np.asarray(to_numpy(X))
 
 
 def _is_batch_iterable(X):
@@ -354,7 +352,7 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
         key = None
         if p.cached is not None:
             # a search fits every candidate on the same folds: their moments are computed once
-            extra = () if residue is None else (["perturb"], _host_bytes(residue.X_source), residue.Y_source)
+            extra = () if residue is None else (["perturb"], host_bits(residue.X_source), residue.Y_source)
             # every input of the moments: targets, weights, prior, the head's geometry (a conv
             # head's padding and dilation decide its patches), feature shape and batching
             key = p.cached.moments_key(

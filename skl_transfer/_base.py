@@ -18,17 +18,10 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_feature_names, check_is_fitted, validate_data
 
 from . import _diagnostics, _fingerprint, _solvers
+from ._features import cached_extractor, feature_batches, gather_design, head_outputs
 from ._heads import AdaptedNetwork, LinearGeometry, Prior, as_prior
-from ._torch import (
-    accumulate_moments,
-    cached_extractor,
-    feature_batches,
-    frozen_copy,
-    gather_design,
-    head_outputs,
-    resolve_device,
-    to_numpy,
-)
+from ._moments import accumulate_moments
+from ._torch import frozen_copy, resolve_device, to_numpy
 from ._validation import check_input, check_sample_weight, check_target
 
 

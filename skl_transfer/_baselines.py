@@ -13,7 +13,8 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from ._base import AdapterRegressorMixin, BaseAdapter
 from ._classifier import LogitsClassifierMixin
-from ._torch import gather_features, head_outputs, resolve_device
+from ._features import gather_features, head_outputs
+from ._torch import resolve_device, to_float64
 
 
 class _GradientDescentBase(BaseAdapter):
@@ -242,8 +243,7 @@ class _GradientDescentBase(BaseAdapter):
             best = (None, self.epochs, W.detach(), b.detach())
         self._log(f"{self.epochs} epochs in {seconds:.3f}s, kept epoch {best[1]}")
         curves = (np.array(losses), None if val is None else np.array(val_losses))
-        to64 = lambda t: t.double().cpu().numpy()  # noqa: E731
-        return to64(best[2]), to64(best[3]), curves, best[1], seconds
+        return to_float64(best[2]), to_float64(best[3]), curves, best[1], seconds
 
 
 class GradientDescentAdapter(AdapterRegressorMixin, _GradientDescentBase):

@@ -15,8 +15,9 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from . import _solvers
 from ._base import BaseAdapter
+from ._features import gather_design
 from ._heads import as_prior
-from ._torch import gather_design, to_numpy
+from ._torch import to_numpy
 
 
 class LogitsClassifierMixin:

@@ -15,8 +15,8 @@ from sklearn.utils._param_validation import StrOptions
 
 from . import _solvers
 from ._base import AdapterRegressorMixin, BaseAdapter, MomentsMixin, _is_float32
+from ._features import cached_extractor, gather_features, head_outputs
 from ._heads import as_prior
-from ._torch import cached_extractor, gather_features, head_outputs
 
 
 class _FixedPredictions(RegressorMixin, BaseEstimator):

@@ -11,7 +11,8 @@ import sys
 import numpy as np
 
 from . import _solvers
-from ._torch import accumulate_moments, feature_batches
+from ._features import feature_batches
+from ._moments import accumulate_moments
 
 
 def is_dask_array(X):

@@ -46,10 +46,91 @@ import weakref
 import numpy as np
 import torch
 
+from ._torch import host_bits
+
 
 class CacheKeyWarning(UserWarning):
-    """The feature cache was not used for an extractor (it cannot be keyed, or it is not
-    deterministic); the estimator fits and predicts correctly without it."""
+    """The feature cache was not used for an extractor.
+
+    The extractor cannot be keyed, or it is not deterministic. The estimator then computes
+    every feature afresh and its results are those of ``cache=False``; the message says why
+    and how to get caching back. One warning per process and kind of cause.
+
+    See Also
+    --------
+    clear_cache : Forget the cache's rows, choices and determinism verdicts.
+    CacheDirectoryError : The errors of a cache directory.
+
+    Notes
+    -----
+    **Keys.** A feature row is stored under the extractor's *digest*, the device, the input
+    dtype and per-sample shape, and a 128-bit hash of the input row's bytes (SHA-256 in a
+    cache directory); the moments of a whole fit are keyed further by every other input of
+    the solve: the targets, weights, prior head, the head's geometry (a conv head's kernel,
+    stride, padding and dilation), the feature shape and the batch size. The digest covers
+    the computation, not only the weights:
+
+    - every module of the tree: its class (module and qualified name), and for classes that
+      come from no installed package (your own, a notebook's, an editable install's) the code
+      of every method of their MRO (bytecode, constants, names, defaults, closures, nested
+      functions) and what that code loads as globals (helper functions, classes, constants,
+      ``helpers.f`` through a module), recursively. Code of installed packages (torch, numpy,
+      torchvision, ...) and of the standard library is keyed by the package's version and
+      Python's; a TorchScript module by its compiled code. Redefining a class with another
+      ``forward`` under the same name is therefore a miss;
+    - every parameter and buffer (bitwise), tensors and numpy arrays held in attributes, and
+      the module's plain attributes (numbers, strings, bytes, None, tuples, lists, dicts and
+      sets of those, dataclasses, enums, functions, ``functools.partial`` objects, classes),
+      and its ``repr``;
+    - every forward and forward-pre hook of every module, with or without kwargs, and torch's
+      global module hooks: their code and their state (closure variables, defaults,
+      ``partial`` arguments, the object of a bound method, a callable object's attributes);
+    - torch's global state that changes numerics: default dtype, autocast, float32 matmul
+      precision, TF32 flags, active torch function/dispatch modes.
+
+    **Not seen.** The state of an attribute of any other kind (an instance of your own class,
+    a logger, ...) is keyed by its *type only*, so that such objects do not make every fit a
+    miss: if ``forward`` reads a value from one, changing that value is not seen (use
+    ``cache=False``, or hold the value as a plain attribute). Code of installed packages is
+    keyed by version, not by its bytes (an edited site-packages file is not seen); code
+    reached other than through the module's class, its globals and its attributes (e.g.
+    ``getattr(module, name)`` with a computed name, ``eval``) is not seen; randomness or state
+    outside torch (numpy's or Python's random generators, files read by ``forward``) is not
+    seen.
+
+    **The fitted copy** ``extractor_`` is never trusted blindly: its digest is kept with the
+    identity, version counter, storage pointer and 8 sampled elements of each of its tensors
+    and a hash of its code, attributes and hooks, and ``predict`` hashes the weights again
+    when any of these changed (in-place edits, ``load_state_dict``, a new parameter or
+    submodule, a hook, an attribute). Not seen without a rehash: an in-place write through
+    ``.data`` or a numpy view (no version counter moves) that leaves all 8 sampled elements of
+    every tensor unchanged. A digest is never read from a pickle: an unpickled estimator
+    recomputes it on its first ``predict``.
+
+    **This warning** is raised, and the extractor not cached, for:
+
+    - a hook (or active torch mode) whose state holds an object of no kind above (its state
+      cannot be read), a TorchScript object attribute, or a tensor whose bytes cannot be read;
+    - a non-deterministic extractor. The first time a model is seen in a process, its first
+      sample, if no cache holds it, runs twice (random state restored in between, so a fit
+      equals ``cache=False`` with the same seed) and must give the same bits and leave its
+      parameters, buffers and attributes as they were (a first-call lazy initialisation is
+      allowed), before the row is stored. A functional dropout that ignores ``eval()`` or a
+      ``forward`` that updates its own weights is detected there (the warning says that
+      ``predict``, ``to_module()`` and refits will not agree run to run). This costs one
+      extra row per model and process (``clear_cache()`` forgets the verdicts too); a first
+      row found in a cache directory is trusted (the process that stored it ran the check).
+      It is a check on one sample, not a proof (a module random on rare inputs only is not
+      detected).
+
+    Examples
+    --------
+    >>> import warnings
+    >>> from skl_transfer import CacheKeyWarning
+    >>> with warnings.catch_warnings():
+    ...     warnings.simplefilter("error", CacheKeyWarning)  # fits below raise instead
+    ...     pass
+    """
 
 
 class Unkeyable(Exception):
@@ -79,10 +160,7 @@ def _tensor_bytes(t):
         return b"\0".join(_tensor_bytes(x) if isinstance(x, torch.Tensor) else x.encode() for x in q)
     if t.layout != torch.strided:
         t = t.to_dense()
-    t = t.cpu().contiguous()
-    if t.dtype == torch.bfloat16:
-        t = t.view(torch.int16)
-    return t.numpy().tobytes()
+    return host_bits(t.contiguous()).tobytes()
 
 
 def _version(t):

@@ -13,7 +13,7 @@ import torch
 from sklearn.utils import check_array
 from torch import nn
 
-from ._torch import floating_dtype, to_numpy
+from ._torch import floating_dtype, to_float64, to_numpy
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,13 @@ def as_prior(head):
                 f"head={type(head).__name__} is not initialised yet; run one forward pass of the "
                 "network (or use nn.Linear with explicit in_features) before adapting it."
             )
-        W0 = head.weight.detach().to("cpu", torch.float64).numpy().copy()
-        b0 = None if head.bias is None else head.bias.detach().to("cpu", torch.float64).numpy().copy()
+        W0 = to_float64(head.weight).copy()
+        b0 = None if head.bias is None else to_float64(head.bias).copy()
         return Prior(*_finite_layer(head, W0, b0), head.weight.dtype)
     if isinstance(head, (nn.Conv1d, nn.Conv2d)):
         geometry = ConvGeometry(head)
-        W0 = head.weight.detach().to("cpu", torch.float64).reshape(head.out_channels, -1).numpy().copy()
-        b0 = None if head.bias is None else head.bias.detach().to("cpu", torch.float64).numpy().copy()
+        W0 = to_float64(head.weight).reshape(head.out_channels, -1).copy()
+        b0 = None if head.bias is None else to_float64(head.bias).copy()
         return Prior(*_finite_layer(head, W0, b0), head.weight.dtype, geometry)
     if isinstance(head, nn.Module):
         raise TypeError(

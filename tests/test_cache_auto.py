@@ -15,7 +15,8 @@ from numpy.testing import assert_array_equal
 from torch import nn
 
 from skl_transfer import LayerVariationalAdapter, _cache, cache_info, clear_cache
-from skl_transfer._torch import cached_extractor, feature_batches, frozen_copy
+from skl_transfer._features import cached_extractor, feature_batches
+from skl_transfer._torch import frozen_copy
 
 REAL_RULE = _cache._worth_caching  # imported before conftest's fixture patches it
 

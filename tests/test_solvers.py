@@ -60,7 +60,7 @@ def test_streaming_moment_sums_equal_direct_centred_products(blas, weights):
     """The in-place accumulator of the torch side (syrk or blocked upper triangle, rank-1
     mean corrections) gives numpy's weighted centred products, for uneven batch sizes."""
     torch = pytest.importorskip("torch")
-    from skl_transfer._torch import MomentSums
+    from skl_transfer._moments import MomentSums
 
     Z, Q, s = _data(613, 300, 3, seed=4)
     Z += 50.0  # a large common offset: the per-batch centring must keep the digits
