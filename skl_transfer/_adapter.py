@@ -13,7 +13,7 @@ from sklearn.utils import check_array
 from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _solvers
-from ._base import AdapterRegressorMixin, BaseAdapter, MomentsMixin
+from ._base import AdapterRegressorMixin, BaseAdapter, RidgeUpdateMixin
 from ._dask import dask_moments, is_dask_array
 from ._features import gather_design
 from ._moments import accumulate_moments
@@ -21,11 +21,21 @@ from ._perturb import PerturbResidue
 from ._torch import host_bits, is_tensor, to_numpy
 from ._validation import check_sample_weight, native_byte_order
 
+
 # The moments of a perturb fit and the squared norms of its residue's terms (one cache entry):
 # the Moments fields first, so that the cache sizes it like any moments entry.
-_PerturbMoments = NamedTuple(
-    "_PerturbMoments", [*_solvers.Moments.__annotations__.items(), ("terms_sq", dict)]
-)
+class _PerturbMoments(NamedTuple):
+    """A perturb fit's moments with its residue terms' squared norms: one moments-cache entry."""
+
+    moments: _solvers.Moments
+    terms_sq: dict
+
+    @property
+    def nbytes(self):
+        return self.moments.nbytes + _DICT_ITEM_BYTES * len(self.terms_sq)
+
+
+_DICT_ITEM_BYTES = 150  # a dict item with a float value, as tracemalloc measures it
 
 
 def _is_batch_iterable(X):
@@ -37,7 +47,7 @@ def _is_batch_iterable(X):
     return hasattr(X, "__iter__") and not hasattr(X, "__array__") and not hasattr(X, "shape")
 
 
-class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
+class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapter):
     r"""Closed-form adaptation of a pretrained last layer to a new domain.
 
     With ``Z = extractor(X)`` (flattened to ``n_samples x d``) and the pretrained head
@@ -77,10 +87,11 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
         any shape (flattened per sample). It is deep-copied, put in eval mode and run
         under ``torch.inference_mode``; the module passed in is never modified.
         None means X already holds the features (2-D).
-    head : torch.nn.Linear, (coef, intercept) pair or None, default=None
-        Pretrained last layer. A pair holds ``coef`` of shape (k, d) or (d,) and
-        ``intercept`` as an array of shape (k,), a float, or None. None is a zero prior:
-        the estimator is then ridge regression on the features.
+    head : torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, (coef, intercept) pair or None, default=None
+        Pretrained last layer (a convolution: see Notes). A pair holds ``coef`` of shape
+        (k, d) or (d,) and ``intercept`` as an array of shape (k,), a float, or None. None is
+        a zero prior: the estimator is then ridge regression on the features (without an
+        extractor, exactly ``sklearn.linear_model.Ridge``).
     alpha : float, default=1.0
         Penalty on ``||coef_ - W_0||_F^2``, used as written (not squared). Must be >= 0.
     method : {"exact", "perturb"}, default="exact"
@@ -97,7 +108,8 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
     device : str or torch.device, default="auto"
         Where the extractor runs: "auto" is cuda when available, else cpu.
     verbose : int, default=0
-        Print the time of the forward pass and of the solve when > 0.
+        Print the time of the forward pass and of the solve when > 0, and show progress bars
+        over batches (with tqdm, the ``progress`` extra).
     cache : "auto", bool, str, os.PathLike or joblib.Memory, default="auto"
         Feature cache, so that searches, cross-validation and learning curves run the
         extractor on each distinct sample once. True: in this process's memory (least
@@ -149,7 +161,8 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
     n_features_in_ : int
         Number of columns of X, when X is 2-D.
     feature_names_in_ : ndarray of shape (n_features_in_,)
-        Column names of X, when X is a DataFrame with string column names and no extractor.
+        Column names of X, when X is a DataFrame with string column names (with or without
+        an extractor); ``predict`` refuses renamed or reordered columns.
 
     See Also
     --------
@@ -158,32 +171,166 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
 
     Notes
     -----
-    Features are converted to float64 and every solve is in float64, whatever the
-    extractor's dtype. With ``n_samples >= d`` the weighted means and co-moments of
-    (Z, Q) are merged batch by batch (Chan et al.), so memory is O(d^2 + batch_size) and
-    the N x d feature matrix is never stored; otherwise the n x n kernel is used.
-    The Gram matrix is scaled to a unit diagonal before it is factorised (a change of
-    variables: the penalty stays ``alpha ||dW||^2`` in the features' units), so the solve does
-    not depend on the features' scales. One Cholesky factorisation serves when that matrix is
-    well conditioned; otherwise features held in memory are solved from the data (a QR of the
-    design, as Ridge's svd solver), and streamed moments by an eigendecomposition whose
-    eigenvalues below ``max(max(n, d) * eps64, eps_f**2)`` times the largest (``eps_f``: the
-    machine epsilon of the extractor's dtype) are treated as zero for every alpha, so
-    rank-deficient features give the minimum-norm solution at ``alpha=0`` rather than inf or
-    NaN, and the solution is continuous as alpha goes to 0.
+    **How it computes.** Features are cast to float64 on the extractor's device and every
+    solve is in float64, whatever the network's dtype (float16 and bfloat16 extractors
+    included). With ``n_samples >= d`` (``solver_ == "primal"``) the weighted means and
+    co-moments of (Z, Q) are accumulated batch by batch on the extractor's device, each batch
+    centred on its own mean and merged with the Chan-Golub-LeVeque correction, in place into
+    one ``d x d`` float64 accumulator: memory is O(d^2 + batch_size) and the N x d feature
+    matrix is never stored. Only the upper triangle of ``Z^T Z`` is formed: block rows of
+    ``addmm_`` in torch's own thread pool when a torch extractor computes the features
+    (handing them to another BLAS pool made its idle threads spin against torch's), BLAS
+    ``syrk`` when you pass the features yourself. With ``n_samples < d`` (``"dual"``) the
+    ``n x n`` kernel ``A A^T`` of the weighted, centred features is used instead.
 
-    ``partial_fit`` merges the moments of each batch into the running ones (never raw sums),
-    so the model after the last batch equals ``fit`` on all the data; memory does not grow
-    with the number of batches.
+    The Gram matrix (or kernel) is scaled to a unit diagonal before it is factorised,
+    ``D^{-1/2} (G + alpha I) D^{-1/2}``: a change of variables only (the penalty stays
+    ``alpha ||dW||^2`` in your units). Every entry of a Gram matrix is rounded relative to
+    ``sqrt(G_ii G_jj)``, so nothing is lost, and a feature counts by its correlation with the
+    others, not by its scale: columns scaled from 1e-8 to 1e8 give ``Ridge``'s solution to
+    1e-10 at every alpha > 0 (tested against ``Ridge(solver="cholesky")`` and 100-digit
+    arithmetic). Columns of zero variance get coefficient 0, as in ``Ridge``. One Cholesky
+    factorisation of the scaled ``G + alpha I`` (``alpha = 0`` included) serves when LAPACK's
+    condition estimate is at most 1e7, the common case. Otherwise:
 
-    ``method="perturb"`` costs one forward pass of X (the target features, cached like
+    - with the features in memory (``head=None`` or a ``(coef, intercept)`` head; an
+      extractor fit whose design has at most 2^24 entries, 128 MiB, kept by reference while
+      the moments are accumulated; every dual fit; the CV estimator's refit; the classifier's
+      squared loss), the update is solved from the data, as ``Ridge``'s svd solver does, so
+      that the condition number is not squared: iterative refinement against the rows, then
+      if needed a Householder QR of the scaled, weighted, centred design stacked on
+      ``sqrt(alpha) D^{-1/2}``. Features offset by 1e4-1e6 without an intercept, or weights
+      spanning 1e-6..1e6, then match the exact ridge solution (100-digit arithmetic) to 1e-8
+      or better, where the Gram-based solve was 1e-7 to 1e-3 off. Only ill-conditioned fits
+      pay for it (a QR of the design);
+    - otherwise (streamed fits: an iterable of batches, ``partial_fit``, dask arrays,
+      ``method="perturb"``, extractor fits above the size bound; and the alpha paths of
+      :class:`LayerVariationalAdapterCV`) the scaled matrix is eigendecomposed; eigenvalues
+      below ``rtol`` times the largest are noise and treated as zero for every alpha,
+      ``rtol = max(max(n, d) * eps64, eps_f**2)`` (``eps_f``: the machine epsilon of the
+      extractor's dtype). The solution is continuous as alpha goes to 0, rank-deficient
+      features give the minimum-norm solution in your units at ``alpha = 0`` (not inf or
+      NaN), and a float16 extractor's rounding is not fitted.
+
+    What the streamed paths guarantee: the moments are float64 sums with rounding of order
+    ``eps`` relative to each entry's own scale (batches centred on their own means, so large
+    feature means do not cancel); the solve is scale-invariant like the in-memory one, with
+    relative error about ``eps * kappa``, ``kappa`` the condition number of the scaled
+    ``G + alpha I``: below 1e-9 whenever ``kappa <= 1e7`` (then identical to the in-memory
+    path), but up to 1e-7..1e-3 where the in-memory path goes to the data, e.g. features
+    offset by 1e4-1e6 with ``fit_intercept=False``. Fit the intercept (centring removes
+    offsets) or fit in memory if that matters; ``diagnostics_.condition_number`` tells the
+    conditioning. ``residual_norm_`` comes from the moments in the primal path, exact up to
+    cancellation of order ``eps * residue_norm_**2``; in the dual path, and whenever the data
+    path solved the fit, it is computed directly from the rows. Sample weights whose sum
+    overflows float64 (e.g. 1e308 each), and moments that overflow, are refused with a
+    ``ValueError`` that names the fix (divide the weights by their maximum and alpha by the
+    same factor: the solution is unchanged, tested).
+
+    **Data that does not fit in memory.** ``fit`` on an iterable of batches (a
+    ``DataLoader``) streams each batch once through the extractor into the moments and solves
+    once after the last, equal to the in-memory fit to 1e-10 (tested with a counting
+    extractor). ``partial_fit`` merges the moments of each batch into the running ones
+    (Chan-Golub-LeVeque, never raw sums) and re-solves, so the model after the last batch
+    equals ``fit`` on all the data; memory does not grow with the number of batches. ``fit``
+    on a dask array (X chunked along samples, ``y`` and ``sample_weight`` numpy or dask)
+    computes each block's moments on the dask workers and merges them (the ``dask`` extra).
+
+    **Input checks.** Bad input (NaN/inf, mismatched rows or columns, a wrong head, negative
+    or mis-sized sample weights, a negative alpha, ``y=None``) raises a ``ValueError`` or
+    ``TypeError`` that names the value and the fix, before the extractor runs. The extractor
+    first runs on one sample alone, so what only it can tell is reported after one sample,
+    not after a batch: an X it rejects (a ``ValueError`` chained to torch's error) and a head
+    whose ``in_features`` differs from its output size. Integer X into a floating extractor
+    is named as such, with the fix (``X.astype(np.float32)``; integers are passed unchanged
+    to extractors that take indices, such as an ``nn.Embedding``); complex features are
+    refused (return ``torch.view_as_real(z)`` or ``z.abs()``), as are a per-sample feature
+    shape that changes between batches, a torch head with NaN or infinite weights, and
+    devices that cannot run the extractor (``device="meta"``, a backend this torch lacks),
+    each before any solve. Big-endian arrays are converted to native byte order. Inputs are
+    copied batch by batch before the forward pass, so even an in-place first layer cannot
+    write into your arrays; BatchNorm and Dropout behave as at inference.
+
+    **Output conventions.** With ``head=None`` and no extractor the estimator *is*
+    ``Ridge``, with its conventions (scikit-learn 1.9), tested attribute by attribute and by
+    scikit-learn's own ``test_ridge.py``: for y of shape (n,), ``coef_`` has shape (d,),
+    ``intercept_`` is a numpy scalar and ``predict`` gives (n,); for y of shape (n, 1),
+    ``coef_`` (d,), ``intercept_`` an array (1,), ``predict`` (n,); for y of shape (n, k),
+    ``coef_`` (k, d), ``intercept_`` (k,), ``predict`` (n, k); ``intercept_`` is ``0.0``
+    with ``fit_intercept=False``. Float32 X gives float32 ``coef_``, ``intercept_`` and
+    predictions (solved in float64, cast at the end), as ``Ridge``; ``delta_coef_`` and
+    ``delta_intercept_`` stay float64. Two-dimensional sample weights are refused with
+    scikit-learn's own message. With a head or an extractor the outputs are the head's,
+    whatever the input dtype: float64; ``coef_`` (k, d) (torch Linear layout), ``intercept_``
+    (k,) and ``predict`` (n, k) for a 2-D y, also for k = 1; for 1-D y ``coef_`` (d,),
+    ``intercept_`` a float and ``predict`` (n,).
+
+    **Convolutional heads.** A ``Conv1d``/``Conv2d`` head (any kernel size, stride, padding,
+    dilation; ``groups=1``; zero padding) is a linear map of unfolded input patches, so the
+    same solve applies with one design row per sample and output position
+    (``C_in * prod(kernel)`` columns) and the output channels as targets. y has the head's
+    output shape ``(n_samples, C_out, *spatial)``; ``coef_`` keeps the flattened
+    ``(C_out, C_in * prod(kernel))`` layout; ``predict`` returns the conv output shape and
+    ``to_module()`` a real conv layer with the adapted kernel. The normal equations are
+    accumulated in chunks of at most 4096 patch rows, so the patches are never all in memory.
+    ``score`` is R^2 over the outputs flattened per sample; scikit-learn's named metrics
+    (``"neg_mean_squared_error"``, ...) reject targets of more than 2 dimensions, so
+    ``GridSearchCV`` over a conv head needs the default scoring or a callable scorer, while
+    :class:`LayerVariationalAdapterCV` flattens for any scorer.
+
+    **Pickles.** A pickle carries the adapted layer, the frozen copy of the extractor (its
+    weights, not training data) and, after a primal fit, the ``d x d`` moments of the
+    features (32 MiB at d = 2048), kept so that ``partial_fit`` can continue and
+    ``diagnostics_`` can be computed. No training rows: a dual fit (n < d) computes its
+    diagnostics when pickled instead of keeping its features (tested: no feature or input row
+    is in the pickle's bytes). :meth:`drop_moments` computes ``diagnostics_`` and drops the
+    moments.
+
+    **The feature cache.** Plain sklearn tools call ``fit`` and ``predict`` many times on
+    subsets of the same data. With the cache on, across a whole ``GridSearchCV``,
+    ``cross_validate`` or ``learning_curve`` (all folds, all candidates, train and test sides
+    and the final refit) the extractor runs on each distinct sample at most once per process,
+    plus once more on the first sample of a model it has not seen yet (the determinism probe,
+    :class:`CacheKeyWarning`; tested by counting the rows the extractor sees), and the
+    moments of a training set are computed once for all candidates of a fold. The default,
+    ``cache="auto"``, does this for every extractor that is worth it: hashing, indexing and
+    storing a row costs about as much as running a small MLP on it, so for such an extractor
+    a cache would make every fit slower. The first fit of a model in a process therefore
+    measures the extractor's time on the first batch plus the estimator's work on those
+    features, against the time the cache's own work takes on the same rows (hashing, sorting
+    the keys, copying the rows, scaled to the whole of what the cache does). The model is
+    cached from then on, that first batch included, only when the cache costs at most 30 % of
+    computing the rows (``skl_transfer._cache.AUTO_SHARE``); otherwise that fit and every
+    later fit of the model in the process run exactly as with ``cache=False``, without the
+    determinism probe. :func:`clear_cache` forgets these choices. Concurrent threads fitting
+    a model that is not yet measured wait for the first one to choose, so each row is still
+    computed once. Choices are made from timings, so a model close to the threshold may be
+    cached in one process and not in another; results do not depend on it. A cached feature
+    is bitwise the one the extractor computed for that row, so a fit from the cache is
+    identical to an uncached fit with the same batching (tested exactly); float32 kernels can
+    round a row's features differently in different batches (last bits, about 1e-7
+    relative), so a cached search, whose rows were computed in other batches than an
+    uncached search would use, agrees with it to that rounding, not bitwise. ``cache="auto"``
+    means the mode: name a directory called ``auto`` as ``"./auto"``; a directory is always
+    used. ``partial_fit``, iterable and dask fits see each sample once and do not use the
+    cache. What the keys cover and what they do not see: :class:`CacheKeyWarning`; memory:
+    :func:`set_cache_limit`; a directory shared by processes, and who may write it:
+    :class:`CacheDirectoryError`. What the cache costs is measured in ``benchmarks/README.md``.
+
+    **method="perturb"** costs one forward pass of X (the target features, cached like
     those of "exact") and one forward-mode pass of X_source (about two to three forward
     passes; not cached, as it depends on the pair). The paper's code builds ``J_f`` by
-    forward finite differences, one network evaluation per input coordinate and sample.
-    The source arrays are split with X by ``GridSearchCV`` and ``cross_validate`` (they are
-    sample-aligned), but a Pipeline transforms X only: with preprocessing steps before the
-    adapter, put the preprocessing in the extractor instead, so that X and X_source see the
-    same map. ``method="perturb"`` does not take dask arrays (use ``partial_fit``).
+    forward finite differences, one network evaluation per input coordinate and sample. For
+    an affine extractor it equals ``method="exact"`` (tested, and against central finite
+    differences to 1e-4). The source arrays are sample-aligned fit metadata: with metadata
+    routing enabled and ``set_fit_request(X_source=True, y_source=True)``, ``Pipeline``,
+    ``GridSearchCV`` and ``cross_validate`` pass them on and split them with X; but a
+    Pipeline transforms X only: with preprocessing steps before the adapter, put the
+    preprocessing in the extractor instead, so that X and X_source see the same map.
+    ``partial_fit`` takes the same arguments; dask arrays, iterables of batches and
+    :class:`LayerVariationalAdapterCV` do not support ``method="perturb"`` (clear errors).
+    Missing, unpaired or mis-shaped source arrays, and source arrays given to
+    ``method="exact"``, are refused with a ``ValueError``.
 
     References
     ----------
@@ -201,6 +348,18 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
     >>> adapter = LayerVariationalAdapter(head=(W0, 0.0), alpha=0.0).fit(Z, y)
     >>> np.round(adapter.coef_, 6), round(adapter.intercept_, 6)
     (array([ 1.2, -2. ,  0.4]), 0.3)
+
+    With a torch network: its body as the extractor, its last layer as the head.
+
+    >>> import torch
+    >>> body = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU())
+    >>> head = torch.nn.Linear(8, 1)
+    >>> X = rng.normal(size=(40, 3)).astype(np.float32)
+    >>> adapter = LayerVariationalAdapter(body, head, alpha=1.0).fit(X, X.sum(axis=1))
+    >>> adapter.predict(X[:2]).shape, adapter.solver_
+    ((2,), 'primal')
+    >>> adapter.to_module()(torch.from_numpy(X[:2])).shape  # the adapted network
+    torch.Size([2, 1])
     """
 
     _parameter_constraints: dict = {
@@ -287,61 +446,46 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
             residue = PerturbResidue(
                 p.net, p.X, X_source, p.Y, Y_source, p.s, spec.W0, spec.b0, spec.geometry, spec.feature_shape
             )
-        n_rows = p.n_samples * spec.rows_per_sample  # samples x output positions for a conv head
-        data_tol = _solvers.data_rtol((n_rows, spec.d), spec.feature_eps)
-        if n_rows >= spec.d:
-            solver = "primal"
-            # The design rows stay available (features: X itself; an extractor's: the batches,
-            # kept by reference while n_rows x d fits DATA_MAX_ENTRIES) so that an ill-conditioned
-            # problem can be re-solved from them; a perturb residue is streamed only.
-            in_memory = residue is None and n_rows * spec.d <= _solvers.DATA_MAX_ENTRIES
-            tapped = []
-            if in_memory and p.net is not None:
+        # The design rows stay available for the solver (features: X itself; an extractor's:
+        # the batches, kept by reference while n_rows x d fits DATA_MAX_ENTRIES), so that an
+        # ill-conditioned primal problem can be re-solved from them; a perturb residue is
+        # streamed once (its terms are summed as it goes): the dual solve gathers it.
+        small = p.shape[0] * spec.d <= _solvers.DATA_MAX_ENTRIES
+        tapped, streamed = [], []
+        if small and residue is None and p.net is not None:
 
-                def tap(batches):
-                    for batch in batches:
-                        tapped.append(batch)
-                        yield batch
+            def tap(batches):
+                for batch in batches:
+                    tapped.append(batch)
+                    yield batch
 
-                p.batches = tap(p.batches)
+            p.batches = tap(p.batches)
 
-            def data():
-                if not in_memory:
-                    return None
-                if p.net is None:
-                    Z = p.X
-                    return Z, p.Y - Z @ spec.W0.T - spec.b0, p.s
-                # moments from the cache leave the stream unread: read it now (cached rows)
-                Z, T, w = gather_design(
-                    iter(tapped or p.batches), p.Y, p.s, spec.geometry, spec.feature_shape
-                )
-                return Z, T - Z @ spec.W0.T - spec.b0, w
+        def moments():
+            streamed.append(True)
+            return self._primal_moments(p, residue)
 
-            moments = self._primal_moments(p, residue)
-            t1 = time.perf_counter()
-            dWt, db, residual_sq = _solvers.ridge_primal(
-                moments, self.alpha, spec.fit_intercept, spec.rtol(n_rows), data=data, data_tol=data_tol
+        def design():
+            if streamed and (residue is not None or not small):
+                return None
+            if p.net is None and residue is None:
+                return p.X, p.Y - p.X @ spec.W0.T - spec.b0, p.s
+            # moments from the cache leave the stream unread: read it now (cached rows)
+            Z, T, w = gather_design(
+                iter(tapped or p.batches), p.Y, p.s, spec.geometry, spec.feature_shape, residue
             )
-            tapped.clear()
-            residue_sq = _solvers.uncentred(moments)[2]
-        else:
-            solver, moments = "dual", None
-            Z, T, w = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape, residue)
-            Q = T if perturb else T - Z @ spec.W0.T - spec.b0
-            t1 = time.perf_counter()
-            dWt, db, residual_sq = _solvers.ridge_dual(
-                Z, Q, w, self.alpha, spec.fit_intercept, spec.rtol(n_rows), data_tol=data_tol
-            )
-            residue_sq = float(w @ (Q * Q).sum(1))
-        self._log(
-            f"{p.n_samples} samples, {spec.d} features, {solver} solve: "
-            f"features{' and jvp' if perturb else ''} {t1 - p.t0:.3f}s, "
-            f"solve {time.perf_counter() - t1:.3f}s"
+            return Z, (T if residue is not None else T - Z @ spec.W0.T - spec.b0), w
+
+        solution = _solvers.solve(
+            self.alpha, spec.fit_intercept, p.shape, spec.feature_eps, moments=moments, design=design
         )
-        self._store(spec, p.X, p.net, dWt, db, residue_sq, residual_sq, p.digest)
-        self.solver_ = solver
+        tapped.clear()
+        self._log(
+            f"{p.n_samples} samples, {spec.d} features, {solution.solver} solve: "
+            f"features{' and jvp' if perturb else ''} and solve {time.perf_counter() - p.t0:.3f}s"
+        )
+        self._store(spec, p.X, p.net, p.digest, solution, p.targets)
         self.n_samples_seen_ = p.n_samples
-        self._moments = moments  # lets partial_fit continue a primal fit
         self._moments_method = self.method
         self._set_terms(None if residue is None else residue.terms_sq)
         return self
@@ -362,13 +506,13 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
         entry = None if key is None else p.cached.get_moments(key)
         if entry is None:
             moments = p.moments(residue=residue)
-            entry = moments if residue is None else _PerturbMoments(*moments, dict(residue.terms_sq))
+            entry = moments if residue is None else _PerturbMoments(moments, dict(residue.terms_sq))
             if key is not None:
                 p.cached.put_moments(key, entry)
         if residue is None:
             return entry
         residue.terms_sq.update(entry.terms_sq)
-        return _solvers.Moments(*entry[:6])
+        return entry.moments
 
     def _uses_source(self, X_source, y_source):
         """Whether this fit is ``method="perturb"``; errors for source arrays that do not fit the method."""
@@ -470,13 +614,15 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
         moments = dask_moments(p.net, X, y, s, spec, self.batch_size)
         if not moments.weight > 0:
             raise ValueError("sample_weight sums to zero; give at least one sample a positive weight.")
-        dWt, db, residual_sq = _solvers.ridge_primal(
-            moments, self.alpha, spec.fit_intercept, spec.rtol(n * spec.rows_per_sample)
+        solution = _solvers.solve(
+            self.alpha,
+            spec.fit_intercept,
+            (n * spec.rows_per_sample, spec.d),
+            spec.feature_eps,
+            moments=moments,
         )
-        self._store(spec, X, p.net, dWt, db, _solvers.uncentred(moments)[2], residual_sq, p.digest)
-        self.solver_ = "primal"
+        self._store(spec, X, p.net, p.digest, solution)
         self.n_samples_seen_ = n
-        self._moments = moments
         self._moments_method = "exact"
         self._set_terms(None)
         return self
@@ -492,9 +638,7 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
             )
         if self.method != "exact":
             raise ValueError("method='perturb' does not take an iterable X; call partial_fit on its batches.")
-        self._moments = None  # start again, as fit does
-        self.__dict__.pop("solver_", None)
-        n_batches = 0
+        stream = None
         for batch in data:
             if not isinstance(batch, (tuple, list)) or len(batch) not in (2, 3):
                 raise TypeError(
@@ -504,17 +648,13 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
                     + "."
                 )
             Xb, yb, *swb = batch
-            self._partial(Xb, yb, swb[0] if swb else None, None, None, solve=False)
-            n_batches += 1
-        if n_batches == 0:
+            first = stream is None
+            stream = self._accumulate(Xb, yb, swb[0] if swb else None, None, None, stream)
+            if first:
+                self._record_input(stream.X)  # later batches are checked against the first
+        if stream is None:
             raise ValueError("The iterable X yielded no batches; pass at least one (X, y) batch.")
-        spec, moments = self._spec, self._moments
-        dWt, db, residual_sq = _solvers.ridge_primal(
-            moments, self.alpha, spec.fit_intercept, spec.rtol(self.n_samples_seen_ * spec.rows_per_sample)
-        )
-        X_last = Xb if hasattr(Xb, "shape") else np.asarray(Xb)
-        residue_sq = _solvers.uncentred(moments)[2]
-        self._store(spec, X_last, self.extractor_, dWt, db, residue_sq, residual_sq, self._weights_digest)
+        self._finish(stream)
         return self
 
     def partial_fit(self, X, y, sample_weight=None, X_source=None, y_source=None):
@@ -543,13 +683,12 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
         self : object
             The updated estimator.
         """
-        return self._partial(X, y, sample_weight, X_source, y_source, solve=True)
+        self._finish(self._accumulate(X, y, sample_weight, X_source, y_source, self._stream()))
+        return self
 
-    def _partial(self, X, y, sample_weight, X_source, y_source, solve):
-        """One partial_fit step; ``solve=False`` merges the batch's moments without solving
-        (the batches of an iterable fit, solved once after the last)."""
-        perturb = self._uses_source(X_source, y_source)
-        moments = getattr(self, "_moments", None)
+    def _stream(self):
+        """The running state of a ``partial_fit`` sequence, or None before its first batch."""
+        moments = self.__dict__.get("_moments")
         if moments is None and self.__dict__.get("_moments_dropped"):
             raise ValueError(
                 "partial_fit cannot continue this fit: its moments were dropped by drop_moments(). "
@@ -561,25 +700,35 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
                 "than features): it kept no d x d moments. Call partial_fit from the first "
                 "batch on, or fit on all the data at once."
             )
-        if y is None:
-            raise ValueError(
-                f"{type(self).__name__} requires y to be passed, but the target y is None; "
-                "pass the batch's targets."
-            )
-        if moments is not None and getattr(self, "_moments_method", "exact") != self.method:
+        if moments is None:
+            return None
+        if getattr(self, "_moments_method", "exact") != self.method:
             raise ValueError(
                 f"method changed to {self.method!r} between calls; the moments so far hold the "
                 f"residue of method={self._moments_method!r}. Call fit (or partial_fit on a clone) "
                 "to start again."
             )
-        # Streamed data is seen once: the feature cache would only fill memory.
-        if moments is None:
+        return _Stream(
+            self._spec, self.extractor_, self._runtime_extractor(), self._weights_digest, moments,
+            self.n_samples_seen_, getattr(self, "_terms_sq", None), None, None,
+        )  # fmt: skip
+
+    def _accumulate(self, X, y, sample_weight, X_source, y_source, stream):
+        """Merge a batch's moments into ``stream`` (a :class:`_Stream`, or None for the first
+        batch, which sets the fit up as ``fit`` does); returns the new state. Batches are seen
+        once: the feature cache, which would only fill memory, is not used."""
+        perturb = self._uses_source(X_source, y_source)
+        if y is None:
+            raise ValueError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None; "
+                "pass the batch's targets."
+            )
+        if stream is None:
             p = self._start(X, y, sample_weight, use_cache=False, allow_zero_weight=True)
-            spec, X, Y, s, net, batches, n_seen = p.spec, p.X, p.Y, p.s, p.net, p.batches, 0
-            digest, runtime, terms_sq = p.digest, p.net, None
+            spec, X, Y, s, batches = p.spec, p.X, p.Y, p.s, p.batches
+            stream = _Stream(spec, p.net, p.net, p.digest, None, 0, None, p.targets, X)
         else:
-            spec, net, n_seen = self._spec, self.extractor_, self.n_samples_seen_
-            digest = self._weights_digest
+            spec = stream.spec
             X, y = self._validate_X(X, reset=False, y=y, y_max_ndim=max(2, len(spec.y_shape) + 1))
             Y = y.reshape(X.shape[0], -1)
             if tuple(y.shape[1:]) != spec.y_shape:
@@ -593,13 +742,21 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
                     f"set up for fit_intercept_={spec.fit_intercept}. Call fit to start again."
                 )
             s = check_sample_weight(sample_weight, X.shape[0], allow_all_zero=True)
-            runtime, terms_sq = self._runtime_extractor(), getattr(self, "_terms_sq", None)
-            batches = self._features(runtime, X, use_cache=False)
+            batches = self._features(stream.runtime, X, use_cache=False)
         residue = None
         if perturb:
             X_source, Y_source = self._check_source(X, Y, spec, X_source, y_source)
             residue = PerturbResidue(
-                runtime, X, X_source, Y, Y_source, s, spec.W0, spec.b0, spec.geometry, spec.feature_shape
+                stream.runtime,
+                X,
+                X_source,
+                Y,
+                Y_source,
+                s,
+                spec.W0,
+                spec.b0,
+                spec.geometry,
+                spec.feature_shape,
             )
         m = accumulate_moments(
             batches,
@@ -610,28 +767,53 @@ class LayerVariationalAdapter(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
             spec.geometry,
             spec.feature_shape,
             residue=residue,
-            blas=runtime is None,
+            blas=stream.runtime is None,
         )
-        moments = m if moments is None else _solvers.merge_moments(moments, m)
-        n_seen += X.shape[0]
+        moments = m if stream.moments is None else _solvers.merge_moments(stream.moments, m)
         if not moments.weight > 0:
             raise ValueError(
                 "All samples seen so far by partial_fit have zero sample_weight; the update "
                 "needs at least one positively weighted sample."
             )
-        if solve:
-            dWt, db, residual_sq = _solvers.ridge_primal(
-                moments, self.alpha, spec.fit_intercept, spec.rtol(n_seen * spec.rows_per_sample)
-            )
-        else:
-            k = spec.W0.shape[0]
-            dWt, db, residual_sq = np.zeros((spec.d, k)), np.zeros(k), np.nan
-        self._store(spec, X, net, dWt, db, _solvers.uncentred(moments)[2], residual_sq, digest)
-        self.solver_ = "primal"
-        self.n_samples_seen_ = n_seen
-        self._moments = moments
+        terms_sq = None
+        if residue is not None:
+            terms_sq = residue.terms_sq
+            if stream.terms_sq is not None:
+                terms_sq = {name: stream.terms_sq[name] + v for name, v in terms_sq.items()}
+        first = stream.moments is None
+        return stream._replace(
+            moments=moments,
+            n_seen=stream.n_seen + X.shape[0],
+            terms_sq=terms_sq,
+            targets=stream.targets if first else None,  # diagnostics: a fit that saw all in one call
+            X=X,
+        )
+
+    def _finish(self, stream):
+        """Solve the moments of a ``partial_fit`` sequence or a streamed fit, and store."""
+        spec = stream.spec
+        solution = _solvers.solve(
+            self.alpha,
+            spec.fit_intercept,
+            (stream.n_seen * spec.rows_per_sample, spec.d),
+            spec.feature_eps,
+            moments=stream.moments,
+        )
+        self._store(spec, stream.X, stream.net, stream.digest, solution, stream.targets)
+        self.n_samples_seen_ = stream.n_seen
         self._moments_method = self.method
-        if residue is not None and terms_sq is not None:
-            terms_sq = {name: terms_sq[name] + v for name, v in residue.terms_sq.items()}
-        self._set_terms(None if residue is None else terms_sq or residue.terms_sq)
-        return self
+        self._set_terms(stream.terms_sq)
+
+
+class _Stream(NamedTuple):
+    """The running state of a sequence of batches (``partial_fit``, a streamed ``fit``)."""
+
+    spec: object  # HeadSpec
+    net: object  # the frozen extractor to store (None without one)
+    runtime: object  # the extractor on the compute device
+    digest: object
+    moments: object  # merged Moments so far, or None before the first batch
+    n_seen: int
+    terms_sq: dict | None  # method="perturb": the residue terms' squared norms so far
+    targets: object  # TargetStats of the first batch (diagnostics_ after a single batch)
+    X: object  # the last batch (its input shape is recorded)

@@ -12,14 +12,14 @@ from numbers import Integral
 import joblib
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, RegressorMixin, is_regressor
+from sklearn.base import BaseEstimator, RegressorMixin
 from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_feature_names, check_is_fitted, validate_data
 
 from . import _diagnostics, _fingerprint, _solvers
-from ._features import cached_extractor, feature_batches, gather_design, head_outputs
-from ._heads import AdaptedNetwork, LinearGeometry, Prior, as_prior
+from ._features import cached_extractor, feature_batches, head_outputs
+from ._heads import AdaptedNetwork, Prior, as_prior
 from ._moments import accumulate_moments
 from ._torch import frozen_copy, resolve_device, to_numpy
 from ._validation import check_input, check_sample_weight, check_target
@@ -51,15 +51,16 @@ class HeadSpec:
     def feature_eps(self):
         return torch.finfo(self.feature_dtype).eps if self.feature_dtype.is_floating_point else 0.0
 
-    def rtol(self, n_samples):
-        return _solvers.gram_rtol((n_samples, self.d), self.feature_eps)
+    def rtol(self, n_rows):
+        """The eigenvalue threshold of a design of ``n_rows`` rows of these features."""
+        return _solvers.gram_rtol((n_rows, self.d), self.feature_eps)
 
 
 @dataclass
 class Problem:
     """One validated fit call: the data, the head spec and the feature stream.
 
-    ``batches`` yields ``(slice, Z, dtype)`` from :func:`feature_batches`; its first batch
+    ``batches`` yields ``(slice, Z, dtype, shape)`` from :func:`feature_batches`; its first batch
     (one sample) has already been run, so the feature size and dtype are known.
     """
 
@@ -75,6 +76,16 @@ class Problem:
     @property
     def n_samples(self):
         return self.Y.shape[0]
+
+    @property
+    def shape(self):
+        """``(n_rows, d)`` of the design: samples times a conv head's output positions, features."""
+        return (self.n_samples * self.spec.rows_per_sample, self.spec.d)
+
+    @property
+    def targets(self):
+        """Per-output statistics of the targets, for ``diagnostics_``."""
+        return _diagnostics.TargetStats(self.Y, self.s, self.spec.rows_per_sample)
 
     @property
     def digest(self):
@@ -118,6 +129,7 @@ class BaseAdapter(BaseEstimator):
     # -- validation -------------------------------------------------------------------
 
     _supports_conv = False  # estimators that handle convolutional heads set True
+    _ridge_update = False  # set by RidgeUpdateMixin: the head is a ridge update of y's residue
 
     def _validate_X(self, X, *, reset, y=None, y_max_ndim=2):
         """Validate X (and y in fit). Returns (X, y); y is None in predict.
@@ -195,8 +207,8 @@ class BaseAdapter(BaseEstimator):
             )
         self.__dict__.pop("_moments_dropped", None)  # a fit starts again
         prior = as_prior(self.head)
-        geometry = prior.geometry or LinearGeometry()
-        conv = geometry.kind == "conv"
+        geometry = prior.geometry
+        conv = geometry.is_conv
         if conv and (self.extractor is None or not self._supports_conv):
             raise ValueError(
                 "A convolutional head needs an extractor that outputs (C_in, *spatial) features; "
@@ -241,13 +253,6 @@ class BaseAdapter(BaseEstimator):
             y_shape=tuple(y.shape[1:]),
         )
         batches = itertools.chain([first], batches)
-        # what diagnostics_ needs beyond the solver's moments: per-output target statistics and,
-        # when the solve will be dual (n_rows < d, no d x d moments kept), the feature batches
-        # (references only; the solver reads all of them anyway)
-        tapped = [] if n_samples * spec.rows_per_sample < d else None
-        if tapped is not None:
-            batches = _tap(batches, tapped)
-        self._diag_pending = _DiagPending(_diagnostics.TargetStats(Y, s, spec.rows_per_sample), Y, s, tapped)
         return Problem(X, Y, s, spec, net, batches, t0, cached)
 
     def _features(self, net, X, desc="features", cached=None, use_cache=True):
@@ -274,8 +279,11 @@ class BaseAdapter(BaseEstimator):
         if self.verbose:
             print(f"[{type(self).__name__}] {message}")
 
-    def _store(self, spec, X, net, dWt, db, residue_sq, residual_sq, digest=None):
-        """Set the fitted attributes from the update ``(dW^T, db)``."""
+    def _store(self, spec, X, net, digest, solution, targets=None):
+        """Set the fitted attributes from a :class:`~skl_transfer._solvers.Solution`: the one
+        step that ends every fit route. ``targets`` (:class:`~skl_transfer._diagnostics.TargetStats`)
+        is given by a fit that saw all its data in one call, for the estimators with diagnostics."""
+        dWt, db = solution.dWt, solution.db
         coef = spec.W0 + dWt.T
         intercept = spec.b0 + db
         if self._ridge_conventions(spec):
@@ -302,83 +310,23 @@ class BaseAdapter(BaseEstimator):
             self.delta_coef_ = dWt.T[0] if squeeze else dWt.T.copy()
             self.delta_intercept_ = float(db[0]) if squeeze else db
         self.fit_intercept_ = spec.fit_intercept
-        self.residue_norm_ = float(np.sqrt(residue_sq))
-        self.residual_norm_ = float(np.sqrt(residual_sq))
+        self.residue_norm_ = float(np.sqrt(solution.residue_sq))
+        self.residual_norm_ = float(np.sqrt(solution.residual_sq))
         self._record_input(X)
         self.extractor_ = None if net is None else net.to("cpu")
         self._extractor_on_device = None
         self._spec = spec
         # the copy's Digest, reused by predict's cache only while extractor_ still matches it
         self._weights_digest = digest
-        self._prepare_diagnostics(spec, X, dWt, db)
-
-    # -- diagnostics ------------------------------------------------------------------
-
-    def _diagnosable(self):
-        """Whether the fitted head is a ridge update of the residue of y (LVA regressors; not the
-        classifiers, whose residue is on target logits, nor gradient descent)."""
-        params = self.get_params(deep=False)
-        return is_regressor(self) and ("alpha" in params or "alphas" in params)
-
-    def _prepare_diagnostics(self, spec, X, dWt, db):
-        """Keep what :attr:`diagnostics_` needs: computed now for a dual fit (from the tapped
-        features), lazily from the primal moments (``self._moments``, set after ``_store``)."""
-        pending = self.__dict__.pop("_diag_pending", None)
-        self._diagnostics = None
-        self._diag_state = None
-        # a fit that saw all its data in one call (fit, the first partial_fit); not a partial_fit
-        # continuation nor a dask fit, whose targets arrive in batches the moments alone summarise
-        if pending is None or pending.targets.n_total != X.shape[0] or not self._diagnosable():
-            return
-        alpha = float(self.alpha_ if hasattr(self, "alpha_") else self.alpha)
-        rtol = spec.rtol(X.shape[0] * spec.rows_per_sample)
-        design = None
-        if pending.tapped is not None and len(pending.tapped) > 0:
-            # a dual fit keeps no d x d moments: keep its features (n_rows < d, so no more than
-            # the primal path's d x d) and decompose the kernel only if diagnostics_ is read
-            design = ([(b[0], b[1].cpu(), *b[2:]) for b in pending.tapped], pending.Y, pending.s)
-        self._diag_state = (pending.targets, alpha, rtol, design)
 
     @property
     def diagnostics_(self):
-        """Transferal residue and data condition of the fit (:class:`Diagnostics`).
-
-        Computed on first access, not during fit (one eigendecomposition of the d x d ``G``, or
-        of the kernel for fewer rows than features) and kept; ``print(est.diagnostics_)`` shows a summary.
-        Available after ``fit`` (and a first ``partial_fit``) of the LVA regressors.
-        """
+        """Only the closed-form ridge regressors have diagnostics (:class:`RidgeUpdateMixin`)."""
         check_is_fitted(self)
-        diag = self.__dict__.get("_diagnostics")
-        if diag is not None:
-            return diag
-        state, moments = self.__dict__.get("_diag_state"), self.__dict__.get("_moments")
-        if not self._diagnosable():
-            raise AttributeError(
-                f"{type(self).__name__} has no diagnostics_: they describe the closed-form ridge update of "
-                "a regressor (LayerVariationalAdapter, LayerVariationalAdapterCV)."
-            )
-        if state is None or (moments is None and state[3] is None):
-            raise AttributeError(
-                "diagnostics_ needs a fit that saw all its data in one call (fit, or the first "
-                "partial_fit); after further partial_fit batches or a fit on a dask array the per-output "
-                "statistics of y are not kept. Call fit on the data to get them."
-            )
-        targets, alpha, rtol, design = state
-        dWt = np.atleast_2d(self.delta_coef_).T
-        db = np.atleast_1d(self.delta_intercept_)
-        spec = self._spec
-        if design is not None:
-            batches, Y, s = design
-            Z, T, w = gather_design(iter(batches), Y, s, spec.geometry, spec.feature_shape)
-            Q = T - Z @ spec.W0.T - spec.b0
-            diag = _diagnostics.from_design(Z, Q, w, dWt, db, targets, alpha, self.fit_intercept_, rtol)
-        else:
-            diag = _diagnostics.from_moments(
-                moments, dWt, db, spec.W0, targets, alpha, self.fit_intercept_, rtol
-            )
-        self._diag_state = None  # the features are no longer needed
-        self._diagnostics = diag
-        return diag
+        raise AttributeError(
+            f"{type(self).__name__} has no diagnostics_: they describe the closed-form ridge update of "
+            "a regressor (LayerVariationalAdapter, LayerVariationalAdapterCV)."
+        )
 
     def _runtime_extractor(self):
         """The fitted extractor on the requested device (cached, never pickled)."""
@@ -403,7 +351,7 @@ class BaseAdapter(BaseEstimator):
     def _ridge_conventions(self, spec):
         """Whether the fitted attributes follow ``Ridge``'s conventions: no extractor, no head
         (``head=None``: the estimator is ridge regression on X) and a regressor."""
-        return self.extractor is None and spec.prior.W0 is None and self._diagnosable()
+        return self.extractor is None and spec.prior.W0 is None and self._ridge_update
 
     def _coef_2d(self):
         """``coef_`` as float64 (k, d) and ``intercept_`` as float64 (k,), whatever their stored
@@ -422,8 +370,9 @@ class BaseAdapter(BaseEstimator):
 
         Returns
         -------
-        y_pred : ndarray of shape (n_samples,), (n_samples, k) or, for a convolutional head,
-            (n_samples, C_out, *spatial)
+        y_pred : ndarray of shape (n_samples,), (n_samples, k) or (n_samples, C_out, *spatial)
+            Predictions: (n_samples,) for a 1-D y, the conv output shape for a
+            convolutional head.
         """
         check_is_fitted(self)
         spec = self._spec
@@ -440,15 +389,18 @@ class BaseAdapter(BaseEstimator):
         return out.astype(np.float32) if float32 else out
 
     def to_module(self):
-        """The adapted network as a torch module (CPU, eval mode, gradients off).
+        """Return the adapted network as a torch module (CPU, eval mode, gradients off).
 
         Returns
         -------
         module : AdaptedNetwork
-            ``head(flatten(extractor(x)))`` with the adapted ``torch.nn.Linear`` head (or
-            ``head(extractor(x))`` with the adapted ``Conv1d``/``Conv2d``); its output has
-            shape (n_samples, k) (k = 1 for 1-D y), or the conv output shape, and equals
-            ``predict`` up to the rounding of the head's dtype (float32 or wider).
+            A ``torch.nn.Module``: ``head(flatten(extractor(x)))`` with the adapted
+            ``torch.nn.Linear`` head, or ``head(extractor(x))`` with the adapted
+            ``Conv1d``/``Conv2d`` for a convolutional head (a real conv layer with the adapted
+            kernel). Its output has shape (n_samples, k) (k = 1 for 1-D y), or the conv output
+            shape, and equals ``predict`` up to the rounding of the head's dtype (float32 or
+            wider). The extractor is a copy of ``extractor_``; without an extractor the module
+            is the head alone.
         """
         check_is_fitted(self)
         coef, intercept = self._coef_2d()
@@ -473,12 +425,6 @@ class BaseAdapter(BaseEstimator):
         state.pop("_extractor_on_device", None)
         if "_weights_digest" in state:
             state["_weights_digest"] = None  # never trusted from a pickle: recomputed after loading
-        pending = state.get("_diag_state")
-        if pending is not None and pending[3] is not None:
-            # a dual fit keeps references to its training features until diagnostics_ is read;
-            # a pickle carries the (small) diagnostics instead, never training rows
-            state["_diagnostics"] = self.diagnostics_
-            state["_diag_state"] = None
         return state
 
 
@@ -497,25 +443,74 @@ def _is_float32(X):
     return dtype is not None and np.dtype(dtype) == np.float32
 
 
-@dataclass
-class _DiagPending:
-    """Set by ``_start``, consumed by ``_store``: the targets and, for a dual solve, the features."""
+class RidgeUpdateMixin:
+    """What the estimators whose head is a closed-form ridge update of the residue of ``y``
+    (``LayerVariationalAdapter`` and its CV) add to :class:`BaseAdapter`: ``solver_``, the kept
+    moments (``partial_fit``, :meth:`drop_moments`) and ``diagnostics_``. Listed before
+    ``BaseAdapter`` among the bases."""
 
-    targets: _diagnostics.TargetStats
-    Y: np.ndarray
-    s: np.ndarray
-    tapped: list | None
+    _ridge_update = True
 
+    def _store(self, spec, X, net, digest, solution, targets=None):
+        super()._store(spec, X, net, digest, solution)
+        self.solver_ = solution.solver
+        self._moments = solution.moments  # a primal fit's: partial_fit continues from them
+        self._diagnostics = None
+        # a fit that saw all its data in one call gives the targets' statistics; the update is
+        # decomposed only if diagnostics_ is read (a dual fit's design is no larger than d x d)
+        self._diag_state = None if targets is None else (targets, solution)
 
-def _tap(batches, into):
-    """Pass the feature batches through, keeping a reference to each in ``into``."""
-    for batch in batches:
-        into.append(batch)
-        yield batch
+    @property
+    def diagnostics_(self):
+        """Transferal residue and data condition of the fit (:class:`Diagnostics`).
 
+        Computed on first access, not during fit (one eigendecomposition of the d x d ``G``, or
+        of the kernel for fewer rows than features) and kept, also through pickling;
+        ``print(est.diagnostics_)`` shows a summary and ``est.diagnostics_.as_dict()`` gives the
+        numbers. Available after ``fit`` (and a first ``partial_fit``); not after further
+        ``partial_fit`` batches or a fit on a dask array (an ``AttributeError`` that says so).
 
-class MomentsMixin:
-    """``drop_moments`` for the estimators that keep a primal fit's ``d x d`` moments."""
+        Notes
+        -----
+        All norms are weighted by ``sample_weight``. With the intercept fitted, features and
+        residue are centred first. The squared residue ``||Q||^2`` splits into a constant
+        offset (``bias_share``, removable by the bias), the part in the span of the centred
+        features, and the part outside it (``outside_share``: what needs deeper layers); the
+        last equals the residual at ``alpha = 0``. ``rank`` uses the solver's noise threshold;
+        ``rank`` and ``condition_number`` come from the solver's own scale-invariant spectrum
+        (the Gram matrix scaled to a unit diagonal). The regime is "interpolating" when
+        ``rank = N - 1`` with the intercept (``rank = N`` without it): the training residue
+        can then reach 0 at ``alpha = 0``; otherwise it is "least-squares". ``dof`` is the
+        trace of the weighted hat matrix, ``sum_j e_j / (e_j + alpha)`` over the kept
+        eigenvalues, plus 1 when the intercept is fitted (tested against a direct trace). For
+        a convolutional head, N counts patch rows (samples x output positions). Every number
+        is tested against a direct numpy computation.
+        """
+        check_is_fitted(self)
+        diag = self.__dict__.get("_diagnostics")
+        if diag is not None:
+            return diag
+        state, moments = self.__dict__.get("_diag_state"), self.__dict__.get("_moments")
+        if state is None or (moments is None and state[1].design is None):
+            raise AttributeError(
+                "diagnostics_ needs a fit that saw all its data in one call (fit, or the first "
+                "partial_fit); after further partial_fit batches or a fit on a dask array the per-output "
+                "statistics of y are not kept. Call fit on the data to get them."
+            )
+        targets, solution = state
+        dWt = np.atleast_2d(self.delta_coef_).T
+        db = np.atleast_1d(self.delta_intercept_)
+        alpha, rtol = solution.alpha, solution.rtol
+        if solution.design is not None:
+            Z, Q, w = solution.design
+            diag = _diagnostics.from_design(Z, Q, w, dWt, db, targets, alpha, self.fit_intercept_, rtol)
+        else:
+            diag = _diagnostics.from_moments(
+                moments, dWt, db, self._spec.W0, targets, alpha, self.fit_intercept_, rtol
+            )
+        self._diag_state = None  # the features are no longer needed
+        self._diagnostics = diag
+        return diag
 
     def drop_moments(self):
         """Forget the sufficient statistics kept after a primal fit.
@@ -541,24 +536,39 @@ class MomentsMixin:
             self._moments_dropped = True
         return self
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        pending = state.get("_diag_state")
+        if pending is not None and pending[1].design is not None:
+            # a dual fit keeps its training features until diagnostics_ is read; a pickle
+            # carries the (small) diagnostics instead, never training rows
+            state["_diagnostics"] = self.diagnostics_
+            state["_diag_state"] = None
+        return state
+
 
 class AdapterRegressorMixin(RegressorMixin):
     """RegressorMixin whose ``score`` also takes a conv head's (n, C_out, *spatial) outputs."""
 
     def score(self, X, y, sample_weight=None):
-        """R^2 of ``predict(X)`` against ``y``; a convolutional head's outputs are flattened
-        per sample (every output position a column, averaged uniformly), as sklearn's metrics
-        take at most 2-D targets.
+        """Return the coefficient of determination R^2 of the predictions.
+
+        A convolutional head's outputs are flattened per sample (every output position a
+        column, averaged uniformly), as sklearn's metrics take at most 2-D targets.
 
         Parameters
         ----------
         X : array-like or torch.Tensor of shape (n_samples, *input_shape)
+            Inputs of the extractor (features when ``extractor=None``).
         y : array-like of shape (n_samples,), (n_samples, k) or (n_samples, C_out, *spatial)
+            True targets.
         sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
 
         Returns
         -------
         score : float
+            R^2 of ``predict(X)`` against ``y``.
         """
         pred = self.predict(X)
         if pred.ndim <= 2:

@@ -217,7 +217,6 @@ _CHUNK_OVERHEAD = 700
 _SEGMENT_OVERHEAD = 500
 _SHELF_OVERHEAD = 1500
 _MOMENTS_OVERHEAD = 1200
-_DICT_ITEM_OVERHEAD = 150
 _CHUNK_BYTES = 4 << 20  # feature bytes per chunk (the unit of eviction), at most
 _RESERVED, _LIVE, _EVICTED = 0, 1, 2
 _SLOT_BITS = 32
@@ -377,17 +376,7 @@ class _MomentsEntry:
 
     def __init__(self, key, value):
         self.key, self.value = key, value
-        arrays, extra = {}, 0
-        fields = list(value) if isinstance(value, tuple) else [value]
-        for v in fields:
-            if isinstance(v, dict):  # a perturb fit's squared norms of its residue's terms
-                fields += v.values()
-                extra += _DICT_ITEM_OVERHEAD * len(v)
-            elif isinstance(v, np.ndarray):
-                while isinstance(v.base, np.ndarray):  # a view holds its base
-                    v = v.base
-                arrays[id(v)] = v.nbytes
-        self.nbytes = sum(arrays.values()) + _MOMENTS_OVERHEAD + extra
+        self.nbytes = value.nbytes + _MOMENTS_OVERHEAD  # the entry says what its arrays hold
 
     def drop(self, cache):
         cache._moments.pop(self.key, None)

@@ -14,7 +14,7 @@ from sklearn.model_selection import check_cv
 from sklearn.utils._param_validation import StrOptions
 
 from . import _solvers
-from ._base import AdapterRegressorMixin, BaseAdapter, MomentsMixin, _is_float32
+from ._base import AdapterRegressorMixin, BaseAdapter, RidgeUpdateMixin, _is_float32
 from ._features import cached_extractor, gather_features, head_outputs
 from ._heads import as_prior
 
@@ -35,7 +35,7 @@ class _FixedPredictions(RegressorMixin, BaseEstimator):
         return True
 
 
-def _targets(Y, spec):
+def _as_y(Y, spec):
     """Rows of targets or predictions as scorers see them: 1-D for a 1-D y, else 2-D (a conv
     head's outputs flattened per sample: sklearn's metrics take at most 2-D targets)."""
     return Y[:, 0] if spec.y_ndim == 1 else Y
@@ -48,7 +48,7 @@ def _accepts_sample_weight(scorer):
     return "sample_weight" in signature(scorer).parameters
 
 
-class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter):
+class LayerVariationalAdapterCV(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapter):
     r"""Layer variational adaptation with alpha chosen by cross-validation, at about one fit.
 
     The same update as :class:`LayerVariationalAdapter`,
@@ -68,8 +68,9 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
     ----------
     extractor : torch.nn.Module or None, default=None
         Frozen body of the pretrained network (see :class:`LayerVariationalAdapter`).
-    head : torch.nn.Linear, (coef, intercept) pair or None, default=None
-        Pretrained last layer (see :class:`LayerVariationalAdapter`).
+    head : torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, (coef, intercept) pair or None, default=None
+        Pretrained last layer (see :class:`LayerVariationalAdapter`; a convolution needs
+        K-fold, see Notes).
     alphas : array-like of float, default=(0.1, 1.0, 10.0)
         Candidate penalties, >= 0 (> 0 for leave-one-out, ``cv=None``).
     cv : int, cross-validation generator, iterable or None, default=None
@@ -112,13 +113,33 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
     solver_ : {"primal", "dual"}
         Solver of the refit.
 
+    See Also
+    --------
+    LayerVariationalAdapter : The update at one given alpha.
+    sklearn.linear_model.RidgeCV : The same search with a zero prior and no extractor.
+
     Notes
     -----
     The features of all samples are held in memory (n_samples x d float64), once.
     Equals ``GridSearchCV(LayerVariationalAdapter(...), {"alpha": alphas}, cv=cv,
-    scoring=scoring)`` on the same splits, and brute-force leave-one-out with ``cv=None``.
-    Sample weights weight the fits, and the held-out scores when the scorer accepts them, as
-    ``GridSearchCV.fit(X, y, sample_weight=...)`` does in current scikit-learn.
+    scoring=scoring)`` on the same splits (tested to 1e-8), and brute-force leave-one-out
+    with ``cv=None``. Sample weights weight the fits, and the held-out scores when the scorer
+    accepts them, as ``GridSearchCV.fit(X, y, sample_weight=...)`` does in current
+    scikit-learn. With ``head=None`` and no extractor the estimator is ``RidgeCV``, with its
+    output conventions (see :class:`LayerVariationalAdapter`).
+
+    Leave-one-out (``cv=None``, alphas > 0) uses the hat-matrix formula: after the one
+    decomposition each alpha costs ``O(n d k)``, the price of n leave-one-out residuals. The
+    leave-one-out and K-fold paths use the same scaled, thresholded spectrum as the single
+    fit, so each alpha equals :class:`LayerVariationalAdapter` wherever that uses Cholesky or
+    the eigendecomposition (tested against brute-force ``Ridge``).
+
+    A convolutional head takes K-fold splitters (``cv=5``, any splitter); leave-one-out is
+    refused, as a sample is many patch rows. One pass accumulates the patch moments of each
+    group of samples sharing a role in every fold, each fold costs one eigendecomposition,
+    and its held-out outputs are computed from features read again through the feature cache
+    (tested against K-fold ``Ridge`` on unfolded patches). Its outputs are flattened per
+    sample for any scorer.
 
     Examples
     --------
@@ -204,7 +225,7 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
         self._ridge_dtype = (
             np.float32 if self.extractor is None and self.head is None and _is_float32(X) else None
         )
-        conv = getattr(as_prior(self.head).geometry, "kind", None) == "conv"
+        conv = as_prior(self.head).geometry.is_conv
         if conv and self.cv is None:
             raise ValueError(
                 "Leave-one-out (cv=None) is not available for a convolutional head, whose samples "
@@ -228,28 +249,27 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
             **results,
         }
         t2 = time.perf_counter()
-        dWt, db, residue_sq, residual_sq, solver = refit(self.alpha_)
+        solution = refit(self.alpha_)
         self._log(
             f"{p.n_samples} samples, {p.spec.d} features, {len(alphas)} alphas: search until "
-            f"{t2 - p.t0:.3f}s, {solver} refit {time.perf_counter() - t2:.3f}s"
+            f"{t2 - p.t0:.3f}s, {solution.solver} refit {time.perf_counter() - t2:.3f}s"
         )
-        self._store(p.spec, p.X, p.net, dWt, db, residue_sq, residual_sq, p.digest)
-        self.solver_ = solver
+        self._store(p.spec, p.X, p.net, p.digest, solution, p.targets)
         return self
 
     def _folds(self, p, groups):
-        return list(check_cv(self.cv).split(p.X, _targets(p.Y, p.spec), groups))
+        return list(check_cv(self.cv).split(p.X, _as_y(p.Y, p.spec), groups))
 
     def _fold_scores(self, folds, alphas, predictions, p, sample_weight):
         """Score ``predictions`` (yielding ``(fold, j, Y_pred)``) like GridSearchCV would."""
         scorer = check_scoring(_FixedPredictions(), self.scoring)
         weigh = sample_weight is not None and _accepts_sample_weight(scorer)
         scores = np.empty((len(folds), len(alphas)))
-        y = _targets(p.Y, p.spec)
+        y = _as_y(p.Y, p.spec)
         for fold, j, pred in self._progress(predictions, len(folds) * len(alphas), "folds x alphas"):
             test = folds[fold][1]
             kwargs = {"sample_weight": p.s[test]} if weigh else {}
-            pred = _targets(pred, p.spec)
+            pred = _as_y(pred, p.spec)
             scores[fold, j] = scorer(_FixedPredictions(pred), p.X[test], y[test], **kwargs)
         results = {f"split{i}_test_score": scores[i] for i in range(len(folds))}
         results["std_test_score"] = scores.std(axis=0)
@@ -262,12 +282,11 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
         prior_out = Z @ spec.W0.T + spec.b0
         Q = p.Y - prior_out
         rtol = spec.rtol(p.n_samples)
-        data_tol = _solvers.data_rtol((p.n_samples, spec.d), spec.feature_eps)
         if self.cv is None:
             scorer = None if self.scoring is None else check_scoring(_FixedPredictions(), self.scoring)
             weigh = scorer is not None and sample_weight is not None and _accepts_sample_weight(scorer)
             kwargs = {"sample_weight": p.s} if weigh else {}
-            y2d = _targets(p.Y, spec)
+            y2d = _as_y(p.Y, spec)
             mean = np.empty(len(alphas))
             for j, Q_loo in _solvers.loo_path(Z, Q, p.s, alphas, spec.fit_intercept, rtol):
                 Y_loo = Q_loo + prior_out
@@ -275,7 +294,7 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
                     err = ((p.Y - Y_loo) ** 2).mean(axis=1)
                     mean[j] = -float(p.s @ err / p.s.sum())
                 else:
-                    mean[j] = scorer(_FixedPredictions(_targets(Y_loo, spec)), p.X, y2d, **kwargs)
+                    mean[j] = scorer(_FixedPredictions(_as_y(Y_loo, spec)), p.X, y2d, **kwargs)
             results = {}
         else:
             folds = self._folds(p, groups)
@@ -284,19 +303,7 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
             mean, results = self._fold_scores(folds, alphas, predictions, p, sample_weight)
 
         def refit(alpha):
-            if p.n_samples >= spec.d:
-                moments = _solvers.batch_moments(Z, Q, p.s)
-                dWt, db, residual_sq = _solvers.ridge_primal(
-                    moments, alpha, spec.fit_intercept, rtol, data=(Z, Q, p.s), data_tol=data_tol
-                )
-                solver = "primal"
-                self._moments = moments  # for diagnostics_
-            else:
-                dWt, db, residual_sq = _solvers.ridge_dual(
-                    Z, Q, p.s, alpha, spec.fit_intercept, rtol, data_tol=data_tol
-                )
-                solver = "dual"
-            return dWt, db, float(p.s @ (Q * Q).sum(1)), residual_sq, solver
+            return _solvers.solve(alpha, spec.fit_intercept, p.shape, spec.feature_eps, design=(Z, Q, p.s))
 
         return mean, results, refit
 
@@ -331,9 +338,6 @@ class LayerVariationalAdapterCV(MomentsMixin, AdapterRegressorMixin, BaseAdapter
 
         def refit(alpha):
             total = merged(range(len(atoms)))
-            rtol = spec.rtol(p.n_samples * per)
-            dWt, db, residual_sq = _solvers.ridge_primal(total, alpha, spec.fit_intercept, rtol)
-            self._moments = total  # for diagnostics_
-            return dWt, db, _solvers.uncentred(total)[2], residual_sq, "primal"
+            return _solvers.solve(alpha, spec.fit_intercept, p.shape, spec.feature_eps, moments=total)
 
         return mean, results, refit

@@ -57,12 +57,122 @@ _INSTANCES: weakref.WeakSet = weakref.WeakSet()
 
 
 class CacheDirectoryError(ValueError):
-    """A feature cache directory that is not trusted (writable by others, owned by another
-    user, a foreign schema) or that is broken (not a directory, not SQLite, corrupted)."""
+    """A feature cache directory that is not trusted, or that is broken.
+
+    Not trusted: writable by group or others, owned by another user, or a cache file of a
+    foreign schema. Broken: not a directory, not SQLite, truncated or corrupted. The message
+    names the path, the cause and the fix. A ``ValueError``, raised by the first fit that
+    uses the directory (``cache="/path"`` or ``cache=joblib.Memory("/path")``).
+
+    See Also
+    --------
+    clear_cache : Empty a cache directory, or delete a broken cache file.
+    CacheLockTimeout : Another process held a model's lock too long.
+
+    Notes
+    -----
+    The directory holds ``skl_transfer_features.sqlite`` (SQLite in WAL mode, with its
+    ``-wal`` and ``-shm`` files) and ``skl_transfer_locks/`` (one empty lock file per model).
+    Rows go to the SQLite file as well as to each process's memory, and each distinct sample
+    runs through the extractor once over all the processes that share the directory
+    (``n_jobs > 1`` with loky, dask workers). The directory is not bounded.
+
+    **Trust.** Whoever can write the directory or its files can change every feature that a
+    fit reads from it, so every model fitted from it. The directory, the cache file, its
+    ``-wal`` and ``-shm`` and the lock directory are therefore used only when they are owned
+    by the user running the process (or by root, who can change any file anyway) and not
+    writable by group or others: the rule ssh applies to ``~/.ssh`` (pip and git apply its
+    ownership half to their caches and repositories). Anything else is refused with the fix:
+    ``chmod go-w <path>``, or a directory of your own. The check runs when a process first
+    uses the directory and again (a few ``stat`` calls) at every fit. Directories the library
+    creates are mode ``0o700`` and files ``0o600``, whatever the umask. Before a file is read,
+    its schema must be exactly the library's: one table ``rows`` and its primary-key index,
+    no view, no trigger, no other table (a planted ``rows`` view with an ``INSTEAD OF
+    INSERT`` trigger could otherwise rewrite every stored row); a file with any other schema
+    is refused, naming ``skl_transfer.clear_cache(directory)``. On platforms without
+    ``os.getuid`` (Windows) neither owner nor mode is checked, only the schema.
+
+    Not protected: your own processes (and root) can write the file, so a cache is as
+    trustworthy as the account that owns it; do not point ``cache=`` at a directory written
+    by someone you do not trust (a group-writable shared directory is refused for that
+    reason). Stored rows carry no checksum: SQLite detects damage to the file's structure,
+    not a value changed inside a row.
+
+    **A cache you can read but not write** (a read-only file, directory or file system, for
+    example a cache prepared by root and shared read-only) is used for reads: hits come from
+    it, misses are computed and not stored (SQLite ``mode=ro``, or ``immutable=1`` where no
+    ``-shm`` file can be made there; if a non-empty ``-wal`` is left beside such a file it is
+    refused instead).
+
+    **Broken directories** fail at the first fit that uses them, each with this error:
+
+    - the path is a regular file, or a file is on its path: not a directory; pass a
+      directory, or ``cache=True`` (this process's memory only);
+    - it cannot be created, read or traversed: another directory, or ``cache=True``;
+    - it is not writable and holds no cache file: another directory, or ``cache=True``;
+    - the cache file is not SQLite, is truncated or corrupted (found when the file is opened
+      or when a damaged page is read), has another schema, or the disk is full: the message
+      names the file and SQLite's diagnosis; ``skl_transfer.clear_cache(directory)``
+      (deletes a file that is not an intact cache of the library's), another directory, or
+      ``cache=True``;
+    - another process holds a model's lock too long: :class:`CacheLockTimeout`.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> import numpy as np
+    >>> import torch
+    >>> from skl_transfer import CacheDirectoryError, LayerVariationalAdapter
+    >>> X, y = np.ones((8, 3), dtype=np.float32), np.ones(8)
+    >>> with tempfile.NamedTemporaryFile() as f:  # a regular file, not a directory
+    ...     try:
+    ...         LayerVariationalAdapter(torch.nn.Linear(3, 4), cache=f.name).fit(X, y)
+    ...     except CacheDirectoryError as e:
+    ...         print(str(e)[str(e).index("is not"):])
+    is not a directory (a file is in its place or on its path). Fix: pass a directory ...
+    """
 
 
 class CacheLockTimeout(CacheDirectoryError, TimeoutError):
-    """Another process held a model's cache lock for longer than :data:`LOCK_TIMEOUT`."""
+    """Another process held a model's cache lock for too long.
+
+    A :class:`CacheDirectoryError` and a ``TimeoutError``, raised after
+    ``skl_transfer._diskcache.LOCK_TIMEOUT`` seconds (600) of waiting; the message names the
+    lock file and the holder's process id and host. Fix: wait, end that process, or
+    ``clear_cache(directory)``, which removes the lock files.
+
+    See Also
+    --------
+    CacheDirectoryError : The other errors of a cache directory.
+    clear_cache : Empty a cache directory and remove its lock files.
+
+    Notes
+    -----
+    The missing rows of one batch of one model are computed and stored under an exclusive
+    lock on ``skl_transfer_locks/<model key>.lock`` (``fcntl.flock``; ``msvcrt.locking`` on
+    Windows; Linux emulates ``flock`` with POSIX locks on NFS). Other models, and reads of
+    rows already stored, do not wait for it, and SQLite's own transactions are short (a
+    read, or one insert of a batch's rows). Each distinct sample therefore runs through the
+    extractor once across all processes that share the directory (tested with loky and dask
+    workers). A lock goes with its process when that process exits or is killed; a process
+    that is stopped while holding one (Ctrl-Z, a debugger) makes the others wait, then raise
+    this error. Where no file lock exists, two processes may compute the same rows; they
+    store identical rows once.
+
+    A child forked while other threads are inside a cached fit gets fresh locks
+    (``os.register_at_fork``) and its own SQLite connection, so it never waits for a thread
+    that does not exist in it; it waits only for a directory lock held by a live thread of
+    the parent, released when that thread's batch is stored. (Independently of the cache,
+    torch's OpenMP thread pool is not fork-safe: a child that runs parallel torch operations
+    after its parent did can hang in libgomp; call ``torch.set_num_threads(1)`` first in such
+    a child, or use the ``spawn`` start method.)
+
+    Examples
+    --------
+    >>> from skl_transfer import CacheDirectoryError, CacheLockTimeout
+    >>> issubclass(CacheLockTimeout, CacheDirectoryError), issubclass(CacheLockTimeout, TimeoutError)
+    (True, True)
+    """
 
 
 def _fix(directory):

@@ -10,6 +10,7 @@ import torch
 
 from . import _fingerprint
 from ._cache import CachedExtractor
+from ._heads import LINEAR
 from ._moments import ROW_BUDGET
 from ._torch import as_device_arrays, floating_dtype, forward_rows, module_device, to_float64
 
@@ -100,9 +101,9 @@ def feature_batches(net, X, batch_size, cached=None):
 
     ``net`` is a frozen copy from :func:`frozen_copy`, or None when X (a float64 numpy
     array) already holds the features. ``dtype`` is the extractor's output dtype. With an
-    extractor, the first batch is the first sample alone. ``cache`` is the estimators'
-    ``cached`` is a :func:`cached_extractor` or None: cached rows skip the extractor, which
-    runs only on the rows of a batch that no cache holds.
+    extractor, the first batch is the first sample alone. ``cached`` is a
+    :func:`cached_extractor` or None: cached rows skip the extractor, which runs only on the
+    rows of a batch that no cache holds.
     Features stay on the device: the work on them (moments, predictions) is done by torch
     too, so torch's and numpy's thread pools never alternate batch by batch, which on a
     few cores costs an order of magnitude.
@@ -179,12 +180,12 @@ def gather_features(batches):
         return to_float64(torch.cat([b[1] for b in batches]))
 
 
-def head_outputs(batches, n_samples, heads, geometry=None, feature_shape=()):
+def head_outputs(batches, n_samples, heads, geometry=LINEAR, feature_shape=()):
     """Outputs of several heads on the same features, as float64 numpy (n_samples, outputs).
 
     ``heads`` is a list of ``(coef, intercept)`` pairs; the features are computed once for all.
     """
-    if geometry is not None and geometry.kind != "linear":
+    if geometry.is_conv:
         return _conv_heads_outputs(batches, n_samples, heads, geometry, feature_shape)
     outs = None
     with torch.inference_mode():

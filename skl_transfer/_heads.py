@@ -1,7 +1,9 @@
 """A head as a matrix, and back.
 
-A head is the last, adapted layer ``h(z) = z W0^T + b0``. It is given as a
-``torch.nn.Linear``, a pair ``(coef, intercept)`` of array-likes, or None (a zero prior).
+A head is the last, adapted layer, a linear map of its input: ``h(z) = z W0^T + b0`` for a
+``torch.nn.Linear`` or a pair ``(coef, intercept)`` of array-likes; for a ``Conv1d``/``Conv2d``
+the same map applied to every unfolded input patch (``W0`` of shape
+``(C_out, C_in * prod(kernel))``); None is a zero prior.
 """
 
 from __future__ import annotations
@@ -28,7 +30,11 @@ class Prior:
     W0: np.ndarray | None
     b0: np.ndarray | None
     dtype: torch.dtype = torch.float32
-    geometry: object = None  # LinearGeometry() when None
+    geometry: object = None  # LINEAR or a ConvGeometry (set in __post_init__)
+
+    def __post_init__(self):
+        if self.geometry is None:
+            object.__setattr__(self, "geometry", LINEAR)
 
     @property
     def n_outputs(self):
@@ -104,13 +110,13 @@ def as_prior(head):
 
 
 class AdaptedNetwork(nn.Module):
-    """The extractor followed by the adapted linear head.
+    """The extractor followed by the adapted head (``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``).
 
     ``forward(x) = head(flatten(extractor(x)))`` (no flattening before a convolutional
     head). Floating inputs are cast to the extractor's
     dtype (as ``predict`` does) and features to the head's dtype, so a half-precision
-    extractor can take float32 inputs and feed a float32 head. The output has shape
-    ``(n_samples, k)``, as the torch layer it replaces.
+    extractor can take float32 inputs and feed a float32 head. The output has the shape of
+    the torch layer it replaces: ``(n_samples, k)``, or the conv output shape.
     """
 
     def __init__(self, extractor, head):
@@ -142,7 +148,7 @@ def make_linear(coef, intercept, dtype):
 class LinearGeometry:
     """A linear head: one design row per sample (the flattened features), k outputs."""
 
-    kind = "linear"
+    is_conv = False
 
     def signature(self):
         """Everything about the head's shape that decides its design rows (a cache key part)."""
@@ -169,6 +175,9 @@ class LinearGeometry:
         return make_linear(coef, intercept, dtype)
 
 
+LINEAR = LinearGeometry()  # the geometry of every linear head (it holds no state)
+
+
 class ConvGeometry:
     """A Conv1d/Conv2d head as a linear map of unfolded patches.
 
@@ -177,7 +186,7 @@ class ConvGeometry:
     ``weight.reshape(C_out, -1)``); the targets are the ``C_out`` output channels there.
     """
 
-    kind = "conv"
+    is_conv = True
 
     def __init__(self, conv):
         if conv.groups != 1:

@@ -8,6 +8,7 @@ import torch
 from scipy import linalg
 
 from . import _solvers
+from ._heads import LINEAR
 from ._torch import as_device_arrays, to_numpy
 
 
@@ -28,7 +29,7 @@ class MomentSums:
     On the CPU, with ``blas=True`` (features that no torch extractor computes, so no torch
     work alternates with it) or when torch runs one thread, ``A^T A`` is added by BLAS ``syrk``
     instead, in place into a Fortran-ordered accumulator that ``G`` views: half a product's
-    flops (an SRCNN fit on one thread: 13 s instead of 19 s).
+    flops (measured in benchmarks/README.md, "Notes from development").
     """
 
     def __init__(self, d, k, device, blas=False):
@@ -96,7 +97,7 @@ class MomentSums:
 
 
 def accumulate_moments(
-    batches, Y, s, W0, b0, geometry=None, feature_shape=(), labels=None, residue=None, blas=False
+    batches, Y, s, W0, b0, geometry=LINEAR, feature_shape=(), labels=None, residue=None, blas=False
 ):
     """Moments of the design rows and residue rows ``Q = targets - rows W0^T - b0``, merged
     batch by batch, returned as numpy.
@@ -149,7 +150,7 @@ def _design_chunks(Z, Y, w, geometry, feature_shape):
     """Yield (design rows, target rows, row weights) for a batch, in chunks of samples whose
     patches number at most ROW_BUDGET (one sample at least): a conv head's patches are never
     all materialised, only about ROW_BUDGET x C_in * prod(kernel) floats at a time."""
-    if geometry is None or geometry.kind == "linear":
+    if not geometry.is_conv:
         yield Z, Y, w
         return
     per = geometry.rows_per_sample(feature_shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ._heads import LINEAR
 from ._torch import as_device_arrays, check_finite, check_output, floating_dtype, jvp, raw_rows
 
 
@@ -65,7 +66,7 @@ class PerturbResidue:
 
     TERMS = ("label_shift", "intrinsic", "source_error", "taylor_remainder")
 
-    def __init__(self, net, X, X_source, Y, Y_source, s, W0, b0, geometry=None, feature_shape=()):
+    def __init__(self, net, X, X_source, Y, Y_source, s, W0, b0, geometry=LINEAR, feature_shape=()):
         self.net, self.X, self.X_source = net, X, X_source
         self.Y, self.Y_source, self.s = Y, Y_source, s
         self.W0, self.b0 = W0, b0
@@ -75,7 +76,7 @@ class PerturbResidue:
         self._params = None
 
     def _head(self, Z, coef, intercept):
-        if self.geometry is None or self.geometry.kind == "linear":
+        if not self.geometry.is_conv:
             return Z @ coef.T + intercept
         return self.geometry.outputs(Z, self.feature_shape, coef, intercept)
 

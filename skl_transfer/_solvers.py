@@ -52,13 +52,24 @@ class Moments(NamedTuple):
     B: np.ndarray
     qq: float
 
+    @property
+    def nbytes(self):
+        """Bytes held by its arrays (an array viewing another counts that one, once)."""
+        held = {}
+        for a in (self.mean_z, self.mean_q, self.G, self.B):
+            while isinstance(a.base, np.ndarray):
+                a = a.base
+            held[id(a)] = a.nbytes
+        return sum(held.values())
+
 
 def batch_moments(Z, Q, s):
-    """Centred weighted moments of one batch (exact two-pass within the batch).
+    """Centred weighted moments of one batch of numpy rows (exact two-pass within the batch).
 
-    Written with array operators only, so that it runs on numpy arrays and, unchanged,
-    on float64 torch tensors on the extractor's device. A batch of zero total weight
-    gives zero moments (and merges as the identity).
+    Used for features held in memory (the classifier's and the CV estimator's design); the
+    feature stream of an extractor is accumulated in place, on its device, by
+    :func:`~skl_transfer._moments.accumulate_moments`. A batch of zero total weight gives zero
+    moments (and merges as the identity).
     """
     S = float(s.sum())
     scale = S if S > 0 else 1.0
@@ -451,6 +462,85 @@ def ridge_primal(moments, alpha, fit_intercept, rtol=None, data=None, data_tol=N
     return dWt, db, max(float(residual_sq), 0.0)
 
 
+class Solution(NamedTuple):
+    """One solve of the layer update: what the estimators store and what diagnostics need.
+
+    dWt : ndarray of shape (d, k)
+        The update of the head's ``coef^T``.
+    db : ndarray of shape (k,)
+        The update of its intercept.
+    residue_sq : float
+        ``sum_i s_i ||q_i||^2``: the weighted squared residue before the update.
+    residual_sq : float
+        The same after the update.
+    solver : str
+        ``"primal"`` (``d x d`` normal equations), ``"dual"`` (``n x n`` kernel), or the name
+        of an iterative method for updates that are not a ridge solve.
+    alpha : float or None
+        The penalty solved with.
+    rtol : float or None
+        The eigenvalue threshold of the solve (:func:`gram_rtol`).
+    moments : Moments or None
+        A primal solve's moments (what ``partial_fit`` continues and diagnostics decompose).
+    design : tuple or None
+        A dual solve's ``(Z, Q, s)`` (fewer rows than features, so no larger than ``d x d``).
+    """
+
+    dWt: np.ndarray
+    db: np.ndarray
+    residue_sq: float
+    residual_sq: float
+    solver: str
+    alpha: float | None = None
+    rtol: float | None = None
+    moments: Moments | None = None
+    design: tuple | None = None
+
+
+def use_primal(shape):
+    """Whether a design of ``shape = (n_rows, d)`` is solved in the primal (``d x d``) form:
+    at least as many rows as features; the dual (``n_rows x n_rows`` kernel) otherwise."""
+    return shape[0] >= shape[1]
+
+
+def residue_sq(moments):
+    """``sum_i s_i ||q_i||^2`` from the moments (the uncentred ``qq``)."""
+    return moments.qq + moments.weight * float(moments.mean_q @ moments.mean_q)
+
+
+def solve(alpha, fit_intercept, shape, feature_eps=0.0, *, moments=None, design=None):
+    """The ridge update of the residue ``Q`` on the design rows ``Z``: the one solver entry.
+
+    ``shape = (n_rows, d)`` is the design's shape and ``feature_eps`` the machine epsilon of
+    the dtype the features were computed in (they set the thresholds :func:`gram_rtol` and
+    :func:`data_rtol`). The data come as ``moments`` (:class:`Moments`, or a callable that
+    computes them from a stream) and/or ``design`` (``(Z, Q, s)`` in memory, or a callable
+    returning it, or None when the rows are not kept). Owns the choice of the solver: the
+    primal form (:func:`ridge_primal`, from the moments, or from ``design``'s rows when the
+    system is ill-conditioned) for at least as many rows as features or when only moments are
+    given; the dual form (:func:`ridge_dual`) otherwise. Only what the chosen form needs is
+    computed: a callable is called at most once. The residue before the update is summed over
+    the rows when they are in memory, and taken from the moments otherwise.
+
+    Returns
+    -------
+    Solution
+    """
+    rtol, data_tol = gram_rtol(shape, feature_eps), data_rtol(shape, feature_eps)
+    if use_primal(shape) or design is None:
+        rows = None if design is None or callable(design) else design  # in memory
+        m = moments() if callable(moments) else moments
+        if m is None:
+            rows = design = design() if callable(design) else design
+            m = batch_moments(*design)
+        dWt, db, res = ridge_primal(m, alpha, fit_intercept, rtol, data=design, data_tol=data_tol)
+        before = residue_sq(m) if rows is None else float(rows[2] @ (rows[1] * rows[1]).sum(1))
+        return Solution(dWt, db, before, res, "primal", alpha, rtol, moments=m)
+    Z, Q, s = design() if callable(design) else design
+    dWt, db, res = ridge_dual(Z, Q, s, alpha, fit_intercept, rtol, data_tol=data_tol)
+    return Solution(dWt, db, float(s @ (Q * Q).sum(1)), res, "dual", alpha, rtol, design=(Z, Q, s))
+
+
 def dual_floor(Z, s, rtol):
     """:func:`zero_floor` of the kernel ``A A^T`` (per sample: the uncentred row norm)."""
     if rtol is None:
@@ -657,7 +747,7 @@ def _newton_step(H, G, alpha, fit_intercept, d, rtol):
     intercepts (the softmax ignores it; unpenalised), and ``G`` is orthogonal to it (each
     sample's ``p - y`` sums to 0). Then ``(H + mu u u^T)`` is positive definite with the same
     solution on ``u``'s complement, and a Cholesky solve replaces the eigendecomposition
-    (about 10 times faster at k e = 1290). With ``alpha = 0`` (every shift of the k weight rows
+    (the speed-up is in benchmarks/README.md). With ``alpha = 0`` (every shift of the k weight rows
     is null) or when Cholesky fails, the eigendecomposition gives the pseudo-inverse.
     """
     k, e = G.shape

@@ -121,7 +121,7 @@ class Transferability:
 def _zero_head(head):
     """The same layer with zero weights and a zero bias (a ridge probe from scratch)."""
     prior = as_prior(head)
-    if prior.geometry is not None:  # Conv1d / Conv2d: same geometry, zero weights, with a bias
+    if prior.geometry.is_conv:  # Conv1d / Conv2d: same geometry, zero weights, with a bias
         return prior.geometry.layer(np.zeros_like(prior.W0), np.zeros(prior.W0.shape[0]), head.weight.dtype)
     return np.zeros_like(prior.W0), np.zeros(prior.W0.shape[0])
 
@@ -157,6 +157,7 @@ def transferability(
     head : torch.nn.Linear, Conv1d, Conv2d or (coef, intercept) pair
         The pretrained last layer.
     X : array-like or torch.Tensor of shape (n_samples, *input_shape)
+        Target-domain inputs of the extractor (features when ``extractor=None``).
     y : array-like of shape (n_samples,) or (n_samples, k)
         Target-domain targets on the head's output scale.
     alphas : array-like of float, default=np.logspace(-3, 4, 15)
@@ -165,13 +166,30 @@ def transferability(
         None: exact leave-one-out (linear heads); an int or a splitter: K-fold, scored by the
         mean squared error of each fold (needed for convolutional heads).
     sample_weight : array-like of shape (n_samples,), default=None
-    fit_intercept, batch_size, device, cache
-        As in :class:`LayerVariationalAdapter` (the probe always fits its intercept).
+        Non-negative weights of the samples, in the fits and in the errors.
+    fit_intercept : bool or "auto", default="auto"
+        Whether the adapted head updates its bias, as in :class:`LayerVariationalAdapter`
+        (the probe always fits its intercept).
+    batch_size : int, default=256
+        Samples per forward pass.
+    device : str or torch.device, default="auto"
+        Where the extractor runs: "auto" is cuda when available, else cpu.
+    cache : "auto", bool, str, os.PathLike or joblib.Memory, default="auto"
+        Feature cache, as in :class:`LayerVariationalAdapter`.
 
     Returns
     -------
     result : Transferability
-        The numbers, with a readable ``repr`` and ``summary()``.
+        The numbers, with a readable ``repr`` and ``summary()``: ``pretrained_mse``,
+        ``adapted_mse``, ``probe_mse``, ``ratio_to_pretrained``, ``ratio_to_probe``, ``r2``,
+        ``alpha``, ``probe_alpha``, ``target_mse``, ``diagnostics`` (the data condition,
+        :class:`Diagnostics`) and ``adapter`` (the fitted
+        :class:`LayerVariationalAdapterCV`, to use instead of fitting again).
+
+    See Also
+    --------
+    logme : LogME, a transferability score of the features alone.
+    LayerVariationalAdapterCV : The adapted head with alpha chosen by cross-validation.
 
     Notes
     -----
@@ -248,9 +266,12 @@ def logme(features, y, *, max_iter=100, tol=1e-6):
 
     Parameters
     ----------
-    features : array-like of shape (n_samples, D)
+    features : array-like or torch.Tensor of shape (n_samples, D)
+        Features of the target samples (e.g. the extractor's outputs).
     y : array-like of shape (n_samples,) or (n_samples, k)
+        Targets, one column per output (one-hot columns for class labels).
     max_iter : int, default=100
+        Fixed-point updates per column, at most.
     tol : float, default=1e-6
         Stop when ``alpha / beta`` changes by less than ``tol`` relative.
 
@@ -259,10 +280,29 @@ def logme(features, y, *, max_iter=100, tol=1e-6):
     score : float
         Higher means the features explain y better.
 
+    See Also
+    --------
+    transferability : Held-out errors of the adapted head, the pretrained one and a probe.
+
+    Notes
+    -----
+    Written from the paper and tested against the evidence computed by
+    ``scipy.stats.multivariate_normal``.
+
     References
     ----------
     K. You, Y. Liu, J. Wang, M. Long. "LogME: Practical Assessment of Pre-trained Models for
     Transfer Learning", ICML 2021.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skl_transfer import logme
+    >>> rng = np.random.default_rng(0)
+    >>> F = rng.normal(size=(100, 5))
+    >>> y = F @ np.arange(5.0) + 0.1 * rng.normal(size=100)
+    >>> bool(logme(F, y) > logme(F, rng.normal(size=100)))  # features that explain y score higher
+    True
     """
     F = np.asarray(to_numpy(features), dtype=np.float64)
     Y = np.asarray(to_numpy(y), dtype=np.float64)
