@@ -15,7 +15,7 @@ from . import _solvers
 from ._base import AdapterRegressorMixin, BaseAdapter
 from ._classifier import LogitsClassifierMixin
 from ._features import gather_features, head_outputs
-from ._torch import resolve_device, to_float64
+from ._torch import as_device_arrays, from_numpy, resolve_device, to_float64
 
 
 class _GradientDescentBase(BaseAdapter):
@@ -220,7 +220,7 @@ class _GradientDescentBase(BaseAdapter):
         W, b, curves, best_epoch, seconds = self._descend(Z, p.Y, p.s, spec, train, val, rng)
         dWt, db = (W - spec.W0).T, b - spec.b0
         prior, adapted = head_outputs(
-            [(slice(None), torch.from_numpy(Z))],
+            [(slice(None), from_numpy(Z))],
             n,
             [(spec.W0, spec.b0), (W, b)],
             spec.geometry,
@@ -238,15 +238,14 @@ class _GradientDescentBase(BaseAdapter):
 
     def _descend(self, Z, Y, s, spec, train, val, rng):
         device = resolve_device(self.device)
-        f32 = dict(dtype=torch.float32, device=device)
-        Zt, Yt, st = (torch.as_tensor(a, **f32) for a in (Z, Y, s))
-        W = torch.nn.Parameter(torch.as_tensor(spec.W0, **f32).clone())
-        b = torch.nn.Parameter(torch.as_tensor(spec.b0, **f32).clone(), requires_grad=spec.fit_intercept)
-        W_ref = torch.as_tensor(spec.W0, **f32) if self.decay_to == "pretrained" else torch.zeros_like(W)
+        Zt, Yt, st, W0t, b0t = as_device_arrays(device, Z, Y, s, spec.W0, spec.b0, dtype=torch.float32)
+        W = torch.nn.Parameter(W0t.clone())
+        b = torch.nn.Parameter(b0t.clone(), requires_grad=spec.fit_intercept)
+        W_ref = W0t if self.decay_to == "pretrained" else torch.zeros_like(W)
         params = [W, b] if spec.fit_intercept else [W]
         opt = (torch.optim.Adam if self.optimizer == "adam" else torch.optim.SGD)(params, lr=self.lr)
         gen = torch.Generator().manual_seed(int(rng.randint(2**31 - 1)))
-        train_t = torch.as_tensor(train)
+        train_t = from_numpy(train)
         step = len(train) if self.batch_size is None else self.batch_size
 
         def data_loss(idx):
@@ -280,7 +279,7 @@ class _GradientDescentBase(BaseAdapter):
                 losses.append(total / weight)
             with torch.no_grad():
                 if val is not None:
-                    val_losses.append(float(data_loss(torch.as_tensor(val))))
+                    val_losses.append(float(data_loss(from_numpy(val))))
                     if val_losses[-1] < best[0]:
                         best = (val_losses[-1], epoch + 1, W.detach().clone(), b.detach().clone())
         if full_batch and self.epochs > 0:

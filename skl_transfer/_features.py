@@ -12,7 +12,7 @@ from . import _fingerprint
 from ._cache import CachedExtractor
 from ._heads import LINEAR
 from ._moments import ROW_BUDGET
-from ._torch import as_device_arrays, floating_dtype, forward_rows, module_device, to_float64
+from ._torch import as_device_arrays, floating_dtype, forward_rows, from_numpy, module_device, to_float64
 
 
 def cached_extractor(net, X, cache, digest=None):
@@ -118,7 +118,7 @@ def feature_batches(net, X, batch_size, cached=None):
         for start in starts:
             sl = slice(start, 1 if start == 0 and net is not None else min(start + batch_size, n))
             if net is None:
-                yield sl, torch.from_numpy(X[sl]), torch.float64, X.shape[1:]
+                yield sl, from_numpy(X[sl]), torch.float64, X.shape[1:]
                 continue
             if cached is not None and cached.off:  # cache="auto" chose not to cache this model
                 cached = None
@@ -164,7 +164,7 @@ def gather_design(batches, Y, s, geometry, feature_shape, residue=None):
     with torch.inference_mode():
         for sl, Z, *_ in batches:
             if residue is None:
-                Yb = torch.as_tensor(Y[sl], dtype=torch.float64, device=Z.device)
+                (Yb,) = as_device_arrays(Z.device, Y[sl])
             else:
                 Yb = residue(sl, Z)
             R = geometry.design(Z, feature_shape)

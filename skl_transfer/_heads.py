@@ -15,7 +15,7 @@ import torch
 from sklearn.utils import check_array
 from torch import nn
 
-from ._torch import floating_dtype, to_float64, to_numpy
+from ._torch import floating_dtype, from_numpy, to_float64, to_numpy
 
 
 @dataclass(frozen=True)
@@ -139,9 +139,9 @@ def make_linear(coef, intercept, dtype):
     k, d = coef.shape
     layer = nn.Linear(d, k, bias=intercept is not None, dtype=dtype)
     with torch.no_grad():
-        layer.weight.copy_(torch.from_numpy(coef))
+        layer.weight.copy_(from_numpy(coef))
         if intercept is not None:
-            layer.bias.copy_(torch.from_numpy(intercept))
+            layer.bias.copy_(from_numpy(intercept))
     return layer.requires_grad_(False)
 
 
@@ -293,7 +293,7 @@ class ConvGeometry:
             dtype=dtype,
         )
         with torch.no_grad():
-            layer.weight.copy_(torch.from_numpy(coef.reshape(layer.weight.shape)))
+            layer.weight.copy_(from_numpy(coef.reshape(layer.weight.shape)))
             if intercept is not None:
-                layer.bias.copy_(torch.from_numpy(intercept))
+                layer.bias.copy_(from_numpy(intercept))
         return layer.requires_grad_(False)

@@ -9,7 +9,7 @@ from scipy import linalg
 
 from . import _solvers
 from ._heads import LINEAR
-from ._torch import as_device_arrays, to_numpy
+from ._torch import as_device_arrays, from_numpy, to_numpy
 
 
 class MomentSums:
@@ -42,7 +42,7 @@ class MomentSums:
         if torch.device(device).type == "cpu" and (blas or torch.get_num_threads() == 1):
             self._G = np.zeros((D, D), order="F")
             self._syrk = linalg.get_blas_funcs("syrk", (self._G,))
-            self.G = torch.from_numpy(self._G)  # a view: updated in place by syrk and torch alike
+            self.G = from_numpy(self._G)  # a view: updated in place by syrk and torch alike
         else:
             self.G = torch.zeros(D, D, **f64)  # upper triangle only until moments()
         edges = np.linspace(0, D, max(1, min(8, D // 128)) + 1).astype(int)
@@ -126,7 +126,7 @@ def accumulate_moments(
                 if labels is None:
                     Zg, Yg, sg = Z, Yb, sb
                 else:
-                    idx = torch.as_tensor(np.flatnonzero(labels[sl] == g), device=device)
+                    idx = from_numpy(np.flatnonzero(labels[sl] == g)).to(device)
                     Zg, Yg, sg = Z[idx], Yb[idx], sb[idx]
                 for rows, targets, w in _design_chunks(Zg, Yg, sg, geometry, feature_shape):
                     Q = targets if residue is not None else targets - rows @ W0t.T - b0t

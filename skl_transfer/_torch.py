@@ -169,8 +169,10 @@ def forward_rows(net, X, rows, device, dtype):
     return check_finite(forward(net, input_batch(X, rows, device, dtype)))
 
 
-def as_device_arrays(device, *arrays):
-    return [torch.as_tensor(a, dtype=torch.float64, device=device) for a in arrays]
+def as_device_arrays(device, *arrays, dtype=torch.float64):
+    """Numpy arrays (or tensors) as tensors of ``dtype`` on ``device`` (no copy when they
+    already are)."""
+    return [torch.as_tensor(a, dtype=dtype, device=device) for a in arrays]
 
 
 def raw_rows(X, rows, device):
@@ -207,6 +209,11 @@ def to_float64(x):
     if is_tensor(x):
         return x.detach().to("cpu", torch.float64).numpy()
     return np.asarray(x, dtype=np.float64)
+
+
+def from_numpy(a):
+    """A CPU tensor sharing the memory of numpy array ``a``."""
+    return torch.from_numpy(a)
 
 
 def host_bits(t):
