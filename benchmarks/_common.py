@@ -1,12 +1,47 @@
-"""Helpers shared by the benchmark scripts: data builders, networks, pretraining cache, timing, output.
+"""The benchmark toolkit: what the benchmark scripts share, written once.
 
-Benchmarks import only the public API of skl_transfer; what they share lives here, once.
+Benchmarks import only the public API of skl_transfer (the names in ``skl_transfer.__all__``);
+what they share lives here: the command line, data and networks, the pretraining cache, the
+skorch peer, timing, the summary of repeated runs and the output files.
+
+Output
+------
+Each script writes ``<name>.csv`` and ``<name>.png`` (``<name>_quick.*`` with ``--quick``) to
+benchmarks/results/, or to the directory named by the environment variable
+``BENCHMARK_RESULTS`` when it is set (the smoke tests point it at a temporary directory).
+
+CSV schema
+----------
+A quantity has the same column name in every script's CSV and in :func:`summarise`:
+
+=====================  ===========================================================================
+``n``                  target samples a fit sees (points, images, patches, utterances)
+``seed``               seed of the row's random draw (the data subset, the noise, GD's initialisation)
+``method``             the estimator or baseline of the row
+``d``                  features of the adapted layer's input
+``alpha``              the ridge penalty of the fit (the one chosen, for a CV estimator)
+``best_epoch``         the epoch a gradient-descent fit kept
+``test_<score>``       a score on held-out data that no fit saw: ``test_mse``, ``test_accuracy``,
+                       ``test_psnr_db``, ``test_spectral_mse``, ``test_stoi``, ``test_pesq``
+``<what>_s``           wall seconds; ``fit_s`` is one estimator's ``fit`` (a median where repeated)
+``<what>_mib``         memory in MiB
+``<a>_over_<b>``       a ratio of two measured quantities, a / b
+``<what>_rel_diff``    a relative difference between two results of the same computation
+``sse``                sum of squared errors on the points the fit saw (the paper's setting, exp1)
+``ratio``              throughput.py: the measure that the row's ``target`` bounds
+=====================  ===========================================================================
+
+A cell that does not apply to its row (no fit for the pretrained network, no alpha for
+gradient descent) is empty.
 """
 
 from __future__ import annotations
 
+import argparse
+import copy
 import csv
 import json
+import os
 import subprocess
 import sys
 import time
@@ -17,81 +52,27 @@ import torch
 from torch import nn
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-CACHE = HERE / ".cache"  # gitignored: pretrained weights
+CACHE = HERE / ".cache"  # gitignored: pretrained weights, synthesised data
 
 
-def timeseries_setup(seed=937):
-    """Experiment 1 of the paper (Tseng et al., ICLR 2023): data and the untrained network.
-
-    Returns ``t, x, t_new, x_new, net``: source (t, x) and target (t~, x~), float32 arrays of
-    shape (2000, 1), with t = arange(-1, 1, 0.001) + 0.0005, x = sin(5 pi t),
-    t~ = t + 0.05 N(1.5, 0.8) and x~ = r x + 0.03 U(-1, 1), r = arange(1, 1.8, 0.0004); and
-    the 1 -> 64 (no bias, ReLU) -> 64 (bias, ReLU) -> 1 (no bias) network. As in the authors'
-    scripts, one generator seeded with 937 draws the data and then the initial weights.
-    The global torch random state is left as it was.
-    """
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        t = torch.arange(-1, 1, 0.001).reshape(-1, 1) + 0.0005
-        x = torch.sin(5 * torch.pi * t)
-        n = t.shape[0]
-        dt = 0.05 * torch.normal(1.5, 0.8, size=(n, 1))
-        dx = 0.03 * (2 * torch.rand(size=(n, 1)) - 1)
-        r = torch.arange(1, 1.8, 0.0004).reshape(-1, 1)
-        net = nn.Sequential(
-            nn.Linear(1, 64, bias=False),
-            nn.ReLU(),
-            nn.Linear(64, 64),
-            nn.ReLU(),
-            nn.Linear(64, 1, bias=False),
-        )
-    return t.numpy(), x.numpy(), (t + dt).numpy(), (r * x + dx).numpy(), net
+def results_dir():
+    """Where the scripts write: ``$BENCHMARK_RESULTS``, or benchmarks/results/."""
+    return Path(os.environ.get("BENCHMARK_RESULTS") or HERE / "results")
 
 
-def pretrain(net, X, y, *, epochs, lr=1e-3, loss=nn.functional.mse_loss, name=None):
-    """Full-batch Adam on ``loss`` (MSE by default); weights cached under benchmarks/.cache/<name>.pt."""
-    path = None if name is None else CACHE / f"{name}.pt"
-    if path is not None and path.exists():
-        net.load_state_dict(torch.load(path))
-        return net, True
-    X, y = torch.as_tensor(X), torch.as_tensor(y)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
-    for _ in range(epochs):
-        opt.zero_grad()
-        loss(net(X), y).backward()
-        opt.step()
-    if path is not None:
-        CACHE.mkdir(exist_ok=True)
-        torch.save(net.state_dict(), path)
-    return net, False
+def parser(doc, quick_help="small sizes, a smoke test; writes <name>_quick.csv/.png"):
+    """A script's command line: its docstring as the help text, and ``--quick``."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    return p
 
 
-def predict_torch(net, X):
-    with torch.no_grad():
-        return net.eval()(torch.as_tensor(X)).numpy()
-
-
-def sse(y_true, y_pred):
-    return float(np.sum((np.reshape(y_true, -1) - np.reshape(y_pred, -1)) ** 2))
-
-
-def median_time(fn, repeats=5, warmup=1):
-    """Median wall time of fn() over repeats, after warm-up calls; returns (seconds, last result)."""
-    for _ in range(warmup):
-        out = fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times)), out
-
-
+# ----------------------------------------------------------------------------- output
 def write_csv(name, rows):
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{name}.csv"
+    """Write ``rows`` (dicts with the same keys) to <results>/<name>.csv; None is written empty."""
+    results = results_dir()
+    results.mkdir(parents=True, exist_ok=True)
+    path = results / f"{name}.csv"
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -100,28 +81,58 @@ def write_csv(name, rows):
 
 
 def save_figure(fig, name, csv_path):
-    """Write ``fig`` to benchmarks/results/<name>.png and say where both outputs went."""
+    """Write ``fig`` to <results>/<name>.png and say where both outputs went."""
     fig.tight_layout()
-    png = RESULTS / f"{name}.png"
+    png = results_dir() / f"{name}.png"
     fig.savefig(png, dpi=120)
     print(f"wrote {csv_path} and {png}")
 
 
-def srcnn_paper(seed=0):
-    """Body and head of the SRCNN of the authors' code ('same' padding: a 33 x 33 patch gives
-    33 x 33 outputs; random weights and BatchNorm statistics, eval mode)."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    layers = [nn.Conv2d(1, 32, 9, padding=4)]
-    for _ in range(3):
-        layers += [nn.Conv2d(32, 32, 5, padding=2), nn.ReLU(), nn.BatchNorm2d(32)]
-    body = nn.Sequential(*layers)
-    for m in body:
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(0.1 * torch.randn(32, generator=g))
-            m.running_var.copy_(0.5 + torch.rand(32, generator=g))
-    head = nn.Conv2d(32, 1, 5, padding=2, bias=False)
-    return body.eval().requires_grad_(False), head.eval().requires_grad_(False)
+def summarise(rows, value, by=("n", "method")):
+    """Statistics of column ``value`` over the rows of each group of equal ``by`` columns.
+
+    Returns ``{(row[by[0]], row[by[1]], ...): dict(mean, std, median, q1, q3, count, fit_s)}``,
+    groups in the order they first appear; ``fit_s`` is the median of the group's ``fit_s``
+    cells (NaN where the rows have none: nothing was fitted).
+    """
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in by), []).append(r)
+    out = {}
+    for key, sel in groups.items():
+        v = np.array([r[value] for r in sel], dtype=float)
+        times = [r["fit_s"] for r in sel if r.get("fit_s") is not None]
+        q1, median, q3 = np.percentile(v, [25, 50, 75])
+        out[key] = dict(
+            mean=float(v.mean()),
+            std=float(v.std()),
+            median=float(median),
+            q1=float(q1),
+            q3=float(q3),
+            count=len(v),
+            fit_s=float(np.median(times)) if times else np.nan,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- timing and memory
+def median_time(fn, repeats=5, warmup=1, setup=None):
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` untimed ones.
+
+    ``setup()``, when given, runs untimed before every run (e.g. ``clear_cache``).
+    Returns ``(seconds, the last run's result)``.
+    """
+    out = None
+    for _ in range(warmup):
+        out = fn()
+    times = []
+    for _ in range(repeats):
+        if setup is not None:
+            setup()
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)), out
 
 
 def _status_mib(key):
@@ -158,3 +169,172 @@ def run_fresh(script, *args):
     cmd = [sys.executable, str(Path(script).resolve()), *map(str, args)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------- training
+def cached_weights(net, name, train):
+    """``(net, loaded)``: ``net`` with the weights cached in benchmarks/.cache/<name>.pt when
+    they are there (``loaded`` True); else ``train(net)`` runs and its weights are cached there.
+    ``name=None``: trained, never cached."""
+    path = None if name is None else CACHE / f"{name}.pt"
+    if path is not None and path.exists():
+        net.load_state_dict(torch.load(path))
+        return net, True
+    train(net)
+    if path is not None:
+        CACHE.mkdir(exist_ok=True)
+        torch.save(net.state_dict(), path)
+    return net, False
+
+
+def pretrain(net, X, y, *, epochs, lr=1e-3, loss=nn.functional.mse_loss, name=None):
+    """Full-batch Adam on ``loss`` (MSE by default), through :func:`cached_weights`."""
+
+    def train(net):
+        X_t, y_t = torch.as_tensor(X), torch.as_tensor(y)
+        opt = torch.optim.Adam(net.parameters(), lr=lr)
+        net.train()
+        for _ in range(epochs):
+            opt.zero_grad()
+            loss(net(X_t), y_t).backward()
+            opt.step()
+
+    return cached_weights(net, name, train)
+
+
+def fit_skorch(body, head, X, y, *, lr, epochs, batch_size=-1, shuffle=False, seed=None):
+    """The peer a user would pick today: skorch's ``NeuralNetRegressor`` training a copy of
+    ``head`` (Adam, MSE loss, no internal validation split) on the frozen body's features.
+
+    The features are computed once, 256 rows at a time, from a frozen copy of ``body`` in eval
+    mode; ``batch_size=-1`` is full batch; ``seed`` seeds torch's global generator (the shuffle)
+    first. Returns ``(net, features)``: the fitted skorch net and the function that turns
+    inputs X into its inputs, so ``net.predict(features(X))`` predicts.
+    """
+    from skorch import NeuralNetRegressor
+
+    frozen = copy.deepcopy(body).eval()
+
+    def features(X):
+        with torch.no_grad():
+            return torch.cat([frozen(torch.as_tensor(X[i : i + 256])) for i in range(0, len(X), 256)])
+
+    Z = features(X)
+    if seed is not None:
+        torch.manual_seed(seed)
+    net = NeuralNetRegressor(
+        copy.deepcopy(head),  # an initialised module: skorch trains it as it is
+        criterion=nn.MSELoss,
+        optimizer=torch.optim.Adam,
+        lr=lr,
+        max_epochs=epochs,
+        batch_size=batch_size,
+        train_split=None,
+        iterator_train__shuffle=shuffle,
+        device="cpu",
+        verbose=0,
+    )
+    net.fit(Z, torch.as_tensor(y))
+    return net, features
+
+
+def predict_torch(net, X):
+    with torch.no_grad():
+        return net.eval()(torch.as_tensor(X)).numpy()
+
+
+def sse(y_true, y_pred):
+    return float(np.sum((np.reshape(y_true, -1) - np.reshape(y_pred, -1)) ** 2))
+
+
+# ----------------------------------------------------------------------------- data and networks
+def timeseries_setup(seed=937):
+    """Experiment 1 of the paper (Tseng et al., ICLR 2023): data and the untrained network.
+
+    Returns ``t, x, t_new, x_new, net``: source (t, x) and target (t~, x~), float32 arrays of
+    shape (2000, 1), with t = arange(-1, 1, 0.001) + 0.0005, x = sin(5 pi t),
+    t~ = t + 0.05 N(1.5, 0.8) and x~ = r x + 0.03 U(-1, 1), r = arange(1, 1.8, 0.0004); and
+    the 1 -> 64 (no bias, ReLU) -> 64 (bias, ReLU) -> 1 (no bias) network. As in the authors'
+    scripts, one generator seeded with 937 draws the data and then the initial weights.
+    The global torch random state is left as it was.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        t = torch.arange(-1, 1, 0.001).reshape(-1, 1) + 0.0005
+        x = torch.sin(5 * torch.pi * t)
+        n = t.shape[0]
+        dt = 0.05 * torch.normal(1.5, 0.8, size=(n, 1))
+        dx = 0.03 * (2 * torch.rand(size=(n, 1)) - 1)
+        r = torch.arange(1, 1.8, 0.0004).reshape(-1, 1)
+        net = nn.Sequential(
+            nn.Linear(1, 64, bias=False),
+            nn.ReLU(),
+            nn.Linear(64, 64),
+            nn.ReLU(),
+            nn.Linear(64, 1, bias=False),
+        )
+    return t.numpy(), x.numpy(), (t + dt).numpy(), (r * x + dx).numpy(), net
+
+
+def digit_images():
+    """scikit-learn's bundled 8 x 8 digits: images (1797, 1, 8, 8) float32 in [0, 1], labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    return (digits.images / 16.0).astype(np.float32)[:, None], digits.target
+
+
+def digits_cnn(width=16, hidden=None, seed=0):
+    """A small CNN for 8 x 8 digits: conv 1 -> width and width -> 2 width (3 x 3, ReLU), 2 x 2
+    average pooling, then Linear 8 width -> 10 logits, or with ``hidden``, Linear 8 width ->
+    hidden (ReLU) -> 10."""
+    torch.manual_seed(seed)
+    layers = [
+        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+    ]  # fmt: skip
+    if hidden is not None:
+        layers += [nn.Linear(8 * width, hidden), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(8 * width if hidden is None else hidden, 10))
+
+
+def blur(img, scale):
+    """Bicubic down by ``scale`` (anti-aliased) and back up to the original size, float32
+    (scikit-image's ``resize``, the convention of MATLAB's bicubic ``imresize``)."""
+    from skimage.transform import resize
+
+    h, w = img.shape
+    small = resize(img, (h // scale, w // scale), order=3, anti_aliasing=True)
+    return resize(small, (h, w), order=3, anti_aliasing=False).astype(np.float32)
+
+
+def srcnn(seed=0, *, same=False, activate_first=True):
+    """SRCNN body and head: conv 1 -> 32 (9 x 9), three conv 32 -> 32 (5 x 5) each followed by
+    ReLU and BatchNorm, head conv 32 -> 1 (5 x 5, no bias); torch's default initialisation
+    after ``torch.manual_seed(seed)``.
+
+    ``same``: 'same' padding, as in the authors' code (a 33 x 33 patch gives 33 x 33 outputs),
+    else 'valid' (the original SRCNN: 33 x 33 gives 9 x 9). ``activate_first``: the 9 x 9 conv
+    is followed by ReLU and BatchNorm too.
+    """
+    torch.manual_seed(seed)
+    pad9, pad5 = (4, 2) if same else (0, 0)
+    layers = [nn.Conv2d(1, 32, 9, padding=pad9)]
+    if activate_first:
+        layers += [nn.ReLU(), nn.BatchNorm2d(32)]
+    for _ in range(3):
+        layers += [nn.Conv2d(32, 32, 5, padding=pad5), nn.ReLU(), nn.BatchNorm2d(32)]
+    return nn.Sequential(*layers), nn.Conv2d(32, 1, 5, padding=pad5, bias=False)
+
+
+def srcnn_paper(seed=0):
+    """The SRCNN of the authors' code ('same' padding, the 9 x 9 conv bare) with random weights
+    and random BatchNorm statistics, frozen, in eval mode: ``(body, head)``."""
+    body, head = srcnn(seed, same=True, activate_first=False)
+    g = torch.Generator().manual_seed(seed)
+    for m in body:
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(0.1 * torch.randn(32, generator=g))
+            m.running_var.copy_(0.5 + torch.rand(32, generator=g))
+    return body.eval().requires_grad_(False), head.eval().requires_grad_(False)

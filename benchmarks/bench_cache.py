@@ -7,9 +7,9 @@ process, side by side:
 * ``first``: the same fit with the default cache (``cache="auto"``), on an emptied cache (so
   the model is measured: the first batch and the estimator's work on it are timed against
   what the cache would do with those rows, and the model is cached only when that is at most
-  ``AUTO_SHARE`` of computing them); ``first/off`` is its cost (the target of issue 12,
-  item 18: at most 1.5), in wall time and, less sensitive to other load on the machine, in
-  this process's CPU time (``(cpu)``); ``cached``: in how many of the runs ``"auto"`` chose to cache;
+  ``AUTO_SHARE`` of computing them); ``first/off`` is its cost (the target: at most 1.5),
+  in wall time and, less sensitive to other load on the machine, in this process's CPU time
+  (``(cpu)``); ``cached``: in how many of the runs ``"auto"`` chose to cache;
 * ``warm``: the same fit again (served from the cache when it chose to cache);
 * ``on/off``: a first fit with ``cache=True`` (always cache: the extractor runs on every row,
   and the cache hashes X, reserves a slot per distinct row and stores every feature row);
@@ -28,7 +28,6 @@ extractor gets, so that the cache's own work shows. Not timed: data and network 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import time
 import tracemalloc
@@ -39,7 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import save_figure, write_csv
+from _common import parser, save_figure, write_csv
 from torch import nn
 
 from skl_transfer import LayerVariationalAdapter, cache_info, clear_cache
@@ -133,12 +132,9 @@ def measure(n, d, n_in, batch_size, repeats):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=None)
-    args = parser.parse_args(argv)
+    cli = parser(__doc__)
+    cli.add_argument("--repeats", type=int, default=None)
+    args = cli.parse_args(argv)
     grid = QUICK if args.quick else FULL
     repeats = args.repeats or (2 if args.quick else 3)
     print(f"{torch.get_num_threads()} torch threads; median of {repeats} runs; float32 MLP extractor")

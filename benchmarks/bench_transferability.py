@@ -13,14 +13,16 @@ From N = 100 labelled target images (3 random draws), for each extractor:
   estimator transferability() returns) scored on the held-out target images, MSE and accuracy.
 
 Reported: Kendall's tau and Spearman's rho between each score and minus the held-out MSE, per
-draw and averaged. Timed: nothing (scores only); pretraining is cached after the first run.
+draw (CSV column ``seed``) and averaged. Timed, once per extractor and draw: each score
+(``transferability_s``, ``logme_s``: LogME's includes the body's forward pass). Pretraining is
+cached after the first run.
 
     python benchmarks/bench_transferability.py           # first run: 6 min (pretraining), then cached
     python benchmarks/bench_transferability.py --quick   # 4 extractors, 1 draw
 """
 
-import argparse
 import time
+from functools import partial
 
 import matplotlib
 
@@ -28,45 +30,31 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import pretrain, save_figure, write_csv
+from _common import digit_images, digits_cnn, median_time, parser, pretrain, save_figure, write_csv
 from scipy.ndimage import gaussian_filter
 from scipy.stats import kendalltau, spearmanr
-from sklearn.datasets import load_digits
-from torch import nn
 
 from skl_transfer import logme, transferability
 
 ALPHAS = np.logspace(-3, 4, 15)
 
 
-def cnn(width, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, width, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(8 * width, 32), nn.ReLU(),
-        nn.Linear(32, 10),
-    )  # fmt: skip
-
-
-def features(body, X):
+def logme_of_features(body, X, Y):
+    """LogME of the body's features of X for the targets Y."""
     with torch.no_grad():
-        return body.eval()(torch.as_tensor(X)).numpy().astype(np.float64)
+        return logme(body.eval()(torch.as_tensor(X)).numpy().astype(np.float64), Y)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="4 extractors, 1 draw")
-    parser.add_argument("--n", type=int, default=100, help="labelled target images")
-    args = parser.parse_args(argv)
+    cli = parser(__doc__, quick_help="4 extractors, 1 draw")
+    cli.add_argument("--n", type=int, default=100, help="labelled target images")
+    args = cli.parse_args(argv)
     torch.set_num_threads(2)
 
-    digits = load_digits()
-    X = (digits.images / 16.0).astype(np.float32)[:, None]
-    onehot = np.eye(10, dtype=np.float32)[digits.target]
+    X, y = digit_images()
+    onehot = np.eye(10, dtype=np.float32)[y]
     Xs, Ys = X[:900], onehot[:900]
-    Xt, Yt, labels = gaussian_filter(X[900:], sigma=(0, 0, 1.0, 1.0)), onehot[900:], digits.target[900:]
+    Xt, Yt, labels = gaussian_filter(X[900:], sigma=(0, 0, 1.0, 1.0)), onehot[900:], y[900:]
 
     configs = [(4, 10), (4, 80), (8, 10), (8, 80), (16, 0), (16, 10), (16, 80), (24, 10), (24, 80)]
     draws = [0, 1, 2]
@@ -75,7 +63,7 @@ def main(argv=None):
     nets = {}
     t0 = time.perf_counter()
     for width, epochs in configs:
-        net = cnn(width)
+        net = digits_cnn(width, hidden=32)
         if epochs:
             net, _ = pretrain(net, Xs, Ys, epochs=epochs, lr=1e-2, name=f"transfer_digits_w{width}_e{epochs}")
         nets[(width, epochs)] = net.eval()
@@ -88,16 +76,13 @@ def main(argv=None):
         train, test = order[: args.n], order[args.n :]
         for (width, epochs), net in nets.items():
             body, head = net[:-1], net[-1]
-            t1 = time.perf_counter()
-            result = transferability(body, head, Xt[train], Yt[train], alphas=ALPHAS)
-            t_score = time.perf_counter() - t1
-            t1 = time.perf_counter()
-            lm = logme(features(body, Xt[train]), Yt[train])
-            t_logme = time.perf_counter() - t1
+            score = partial(transferability, body, head, Xt[train], Yt[train], alphas=ALPHAS)
+            t_score, result = median_time(score, 1, warmup=0)
+            t_logme, lm = median_time(partial(logme_of_features, body, Xt[train], Yt[train]), 1, warmup=0)
             pred = result.adapter.predict(Xt[test])
             rows.append(
                 {
-                    "draw": draw,
+                    "seed": draw,
                     "extractor": f"w{width}-e{epochs}",
                     "width": width,
                     "epochs": epochs,
@@ -110,8 +95,8 @@ def main(argv=None):
                     "logme": lm,
                     "test_mse": float(np.mean((pred - Yt[test]) ** 2)),
                     "test_accuracy": float(np.mean(pred.argmax(1) == labels[test])),
-                    "time_transferability_s": t_score,
-                    "time_logme_s": t_logme,
+                    "transferability_s": t_score,
+                    "logme_s": t_logme,
                 }
             )
 
@@ -123,7 +108,7 @@ def main(argv=None):
     print(f"\nN = {args.n} blurred target digits, {len(nets)} extractors, {len(draws)} draws")
     print(f"{'extractor':>10} {'LOO MSE':>9} {'LogME':>8} {'pretr.':>8} {'test MSE':>9} {'test acc':>8}")
     for r in rows:
-        if r["draw"] == draws[0]:
+        if r["seed"] == draws[0]:
             print(
                 f"{r['extractor']:>10} {r['transferability_loo_mse']:9.4f} {r['logme']:8.3f} "
                 f"{r['pretrained_mse']:8.4f} {r['test_mse']:9.4f} {r['test_accuracy']:8.3f}"
@@ -133,20 +118,20 @@ def main(argv=None):
     for name, score in scores.items():
         taus, rhos = [], []
         for draw in draws:
-            rs = [r for r in rows if r["draw"] == draw]
+            rs = [r for r in rows if r["seed"] == draw]
             s, outcome = [score(r) for r in rs], [-r["test_mse"] for r in rs]
             taus.append(kendalltau(s, outcome).statistic)
             rhos.append(spearmanr(s, outcome).statistic)
         summary[name] = (float(np.mean(taus)), float(np.mean(rhos)))
         print(f"  {name:<28} Kendall tau {summary[name][0]:+.3f}   Spearman rho {summary[name][1]:+.3f}")
-    t_tr = np.median([r["time_transferability_s"] for r in rows])
-    t_lm = np.median([r["time_logme_s"] for r in rows])
+    t_tr = np.median([r["transferability_s"] for r in rows])
+    t_lm = np.median([r["logme_s"] for r in rows])
     print(f"median time per extractor: transferability {t_tr:.3f} s, LogME {t_lm:.4f} s (features given)")
 
     name = "bench_transferability" + ("_quick" if args.quick else "")
     path = write_csv(name, rows)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    first = [r for r in rows if r["draw"] == draws[0]]
+    first = [r for r in rows if r["seed"] == draws[0]]
     for ax, (label, key) in zip(
         axes, [("transferability: LOO MSE", "transferability_loo_mse"), ("LogME", "logme")], strict=True
     ):

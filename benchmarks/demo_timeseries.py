@@ -9,22 +9,17 @@ of the pretrained and adapted networks and the fit time.
     python benchmarks/demo_timeseries.py --quick  # 500 pretraining epochs, for a smoke test
 """
 
-import argparse
 import time
 
 import numpy as np
 import torch
-from _common import median_time, predict_torch, pretrain, sse, timeseries_setup
+from _common import median_time, parser, predict_torch, pretrain, sse, timeseries_setup
 
 from skl_transfer import LayerVariationalAdapter
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="500 pretraining epochs, no cache")
-    args = parser.parse_args(argv)
+    args = parser(__doc__, quick_help="500 pretraining epochs, no cache").parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
 
     t, x, t_new, x_new, net = timeseries_setup()

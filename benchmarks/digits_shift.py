@@ -13,8 +13,8 @@ GradientDescentClassifier (Adam, full batch).
     python benchmarks/digits_shift.py --shift rotate
 """
 
-import argparse
 import time
+from functools import partial
 
 import matplotlib
 
@@ -22,22 +22,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import pretrain, save_figure, write_csv
+from _common import digit_images, digits_cnn, median_time, parser, pretrain, save_figure, summarise, write_csv
 from scipy.ndimage import gaussian_filter
-from sklearn.datasets import load_digits
 from torch import nn
 
 from skl_transfer import GradientDescentClassifier, LayerVariationalClassifier
-
-
-def digits_cnn(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(),
-        nn.Linear(128, 10),
-    )  # fmt: skip
 
 
 def shifted(X, shift):
@@ -49,16 +38,11 @@ def shifted(X, shift):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--shift", choices=["invert", "rotate", "blur"], default="invert")
-    args = parser.parse_args(argv)
+    cli = parser(__doc__)
+    cli.add_argument("--shift", choices=["invert", "rotate", "blur"], default="invert")
+    args = cli.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
-    digits = load_digits()
-    X = (digits.images / 16.0).astype(np.float32)[:, None]
-    y = digits.target
+    X, y = digit_images()
     split = np.random.default_rng(0).permutation(len(X))
     source, target = split[:900], split[900:]  # disjoint images for the two domains
 
@@ -105,15 +89,13 @@ def main(argv=None):
                 ),
             }
             for name, est in models.items():
-                t0 = time.perf_counter()
-                est.fit(Xt[idx], yt[idx])
-                seconds = time.perf_counter() - t0
+                seconds, _ = median_time(partial(est.fit, Xt[idx], yt[idx]), 1, warmup=0)
                 acc = float((est.predict(Xt[test]) == yt[test]).mean())
                 rows.append(
-                    dict(shift=args.shift, n=n, seed=seed, method=name, accuracy=acc, fit_seconds=seconds)
+                    dict(shift=args.shift, n=n, seed=seed, method=name, test_accuracy=acc, fit_s=seconds)
                 )
             rows.append(
-                dict(shift=args.shift, n=n, seed=seed, method="pretrained", accuracy=acc_pre, fit_seconds=0.0)
+                dict(shift=args.shift, n=n, seed=seed, method="pretrained", test_accuracy=acc_pre, fit_s=None)
             )
     name = f"digits_{args.shift}" + ("_quick" if args.quick else "")
     path = write_csv(name, rows)
@@ -121,19 +103,17 @@ def main(argv=None):
     print(
         f"held-out {args.shift} digits ({len(test)}), accuracy mean ± std over {len(seeds)} seeds; fit time"
     )
-    summary = {}
+    summary = summarise(rows, "test_accuracy")
     for m in methods:
-        cells = []
-        for n in sizes:
-            v = np.array([r["accuracy"] for r in rows if r["n"] == n and r["method"] == m])
-            t = np.median([r["fit_seconds"] for r in rows if r["n"] == n and r["method"] == m])
-            summary[(n, m)] = (v.mean(), v.std(), t)
-            cells.append(f"N={n}: {v.mean():.3f} ± {v.std():.3f}")
-        print(f"{m:<32} " + "  ".join(cells) + f"   (median fit {t * 1e3:.1f} ms at N={sizes[-1]})")
+        cells = [f"N={n}: {summary[(n, m)]['mean']:.3f} ± {summary[(n, m)]['std']:.3f}" for n in sizes]
+        t = summary[(sizes[-1], m)]["fit_s"]
+        fit = "" if np.isnan(t) else f"   (median fit {t * 1e3:.1f} ms at N={sizes[-1]})"
+        print(f"{m:<32} " + "  ".join(cells) + fit)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for m in methods:
-        ax.errorbar(sizes, [summary[(n, m)][0] for n in sizes], yerr=[summary[(n, m)][1] for n in sizes],
-                    marker="o", capsize=3, label=m, linestyle="--" if m == "pretrained" else "-")  # fmt: skip
+        mean, std = ([summary[(n, m)][k] for n in sizes] for k in ("mean", "std"))
+        style = "--" if m == "pretrained" else "-"
+        ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=m, linestyle=style)
     ax.set_xscale("log")
     ax.set_xlabel("labelled target images N")
     ax.set_ylabel("held-out accuracy")

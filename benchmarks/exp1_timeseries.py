@@ -44,8 +44,6 @@ with fewer pretraining epochs the features differ and so does the comparison) an
 paper's GD budget of 12000 epochs.
 """
 
-import argparse
-import copy
 import importlib.util
 import time
 
@@ -55,8 +53,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import median_time, predict_torch, pretrain, save_figure, sse, timeseries_setup, write_csv
-from torch import nn
+from _common import (
+    fit_skorch,
+    median_time,
+    parser,
+    predict_torch,
+    pretrain,
+    save_figure,
+    sse,
+    summarise,
+    timeseries_setup,
+    write_csv,
+)
 
 from skl_transfer import GradientDescentAdapter, LayerVariationalAdapter, LayerVariationalAdapterCV
 
@@ -82,43 +90,17 @@ def gd_tuned(body, head, seed):
     return GradientDescentAdapter(body, head, **TUNED_GD, random_state=seed, cache=False)
 
 
-def fit_skorch(body, head, X, y):
-    """Fine-tune a copy of ``head`` with skorch on the body's features; returns (predict, seconds)."""
-    from skorch import NeuralNetRegressor
-
-    def features(X):
-        with torch.no_grad():
-            return body.eval()(torch.as_tensor(X))
-
-    t0 = time.perf_counter()
-    net = NeuralNetRegressor(
-        copy.deepcopy(head),  # an initialised module: skorch trains it as it is
-        criterion=nn.MSELoss,
-        optimizer=torch.optim.Adam,
-        lr=PAPER_GD["lr"],
-        max_epochs=PAPER_GD["epochs"],
-        batch_size=-1,  # full batch
-        train_split=None,
-        verbose=0,
-        device="cpu",
-    )
-    net.fit(features(X), torch.as_tensor(y))
-    seconds = time.perf_counter() - t0
-    return (lambda X: net.predict(features(X))), seconds
-
-
 def run_method(name, body, head, seed, X, y):
     """Fit one method on (X, y); returns (predict, wall seconds of fit, extra CSV fields)."""
-    if name == "skorch":
-        predict, seconds = fit_skorch(body, head, X, y)
-        return predict, seconds, {}
+    if name == "skorch":  # full batch, the paper's GD optimiser
+        seconds, (net, features) = median_time(
+            lambda: fit_skorch(body, head, X, y, lr=PAPER_GD["lr"], epochs=PAPER_GD["epochs"]), 1, warmup=0
+        )
+        return (lambda X: net.predict(features(X))), seconds, {}
     make = {"LVA": lva, "LVA-CV": lva_cv, "GD": gd, "GD-tuned": gd_tuned}[name]
-    if name.startswith("LVA"):  # cheap: median of 3 timed fits after a warm-up fit
-        seconds, est = median_time(lambda: make(body, head, seed).fit(X, y), repeats=3)
-    else:
-        t0 = time.perf_counter()
-        est = make(body, head, seed).fit(X, y)
-        seconds = time.perf_counter() - t0
+    # LVA is cheap: the median of 3 timed fits after a warm-up fit; GD is timed once
+    repeats, warmup = (3, 1) if name.startswith("LVA") else (1, 0)
+    seconds, est = median_time(lambda: make(body, head, seed).fit(X, y), repeats, warmup)
     extra = {}
     if name == "LVA-CV":
         extra["alpha"] = est.alpha_
@@ -126,29 +108,6 @@ def run_method(name, body, head, seed, X, y):
         extra["best_epoch"] = est.best_epoch_
         extra["descent_s"] = est.fit_time_
     return est.predict, seconds, extra
-
-
-def summarize(rows, setting, key):
-    """{(n, method): dict(mean, std, median, q1, q3, time)} over seeds, for one setting."""
-    out = {}
-    for n in sorted({r["n"] for r in rows if r["setting"] == setting}):
-        for m in METHODS:
-            sel = [r for r in rows if r["setting"] == setting and r["n"] == n and r["method"] == m]
-            if not sel:
-                continue
-            v = np.array([r[key] for r in sel])
-            t = np.array([r["fit_s"] for r in sel if r["fit_s"] != ""], dtype=float)
-            q1, med, q3 = np.percentile(v, [25, 50, 75])
-            out[(n, m)] = dict(
-                mean=v.mean(),
-                std=v.std(),
-                median=med,
-                q1=q1,
-                q3=q3,
-                time=float(np.median(t)) if len(t) else np.nan,
-                count=len(v),
-            )
-    return out
 
 
 def fmt_err(s):
@@ -160,16 +119,11 @@ def fmt_time(seconds):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="N in {32, 1000}, 2 seeds, no GD-tuned, no skorch"
-    )
-    parser.add_argument("--no-skorch", action="store_true", help="skip skorch even when installed")
-    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    args = parser.parse_args(argv)
+    cli = parser(__doc__, quick_help="N in {32, 1000}, 2 seeds, no GD-tuned, no skorch")
+    cli.add_argument("--no-skorch", action="store_true", help="skip skorch even when installed")
+    cli.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 2)")
+    cli.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    args = cli.parse_args(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
@@ -204,10 +158,10 @@ def _run(args):
 
     rows = []
 
-    def record(setting, n, seed, method, err_name, err, seconds, extra=None):
-        row = dict(setting=setting, n=n, seed=seed, method=method, metric=err_name, error=err)
-        row["fit_s"] = seconds
-        row.update({k: "" for k in ("alpha", "best_epoch", "descent_s")})
+    def record(setting, n, seed, method, score, seconds=None, extra=None):
+        """One row; ``score``: {"test_mse": ...} (held out) or {"sse": ...} (the paper's setting)."""
+        row = dict(setting=setting, n=n, seed=seed, method=method, test_mse=None, sse=None, fit_s=seconds)
+        row.update(score, alpha=None, best_epoch=None, descent_s=None)
         row.update(extra or {})
         rows.append(row)
 
@@ -223,23 +177,23 @@ def _run(args):
         pre = mse(predict_torch(net, t_new[test]))
         for n in sizes:
             idx = pool[:n]
-            record("held-out", n, seed, "pretrained", "mse", pre, "")
+            record("held-out", n, seed, "pretrained", {"test_mse": pre})
             for m in methods:
                 predict, seconds, extra = run_method(m, body, head, seed, t_new[idx], x_new[idx])
-                record("held-out", n, seed, m, "mse", mse(predict(t_new[test])), seconds, extra)
+                record("held-out", n, seed, m, {"test_mse": mse(predict(t_new[test]))}, seconds, extra)
             print(f"  seed {seed}, N = {n:4d}: done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
     # 2. the paper's setting: adapt on all 2000 target points, SSE on the same points
     n_paper = len(t_new)
-    record("paper", n_paper, 0, "pretrained", "sse", sse(x_new, predict_torch(net, t_new)), "")
+    record("paper", n_paper, 0, "pretrained", {"sse": sse(x_new, predict_torch(net, t_new))})
     for m in ["LVA", "LVA-CV", "GD"] + (["skorch"] if run_skorch else []):
         predict, seconds, extra = run_method(m, body, head, 0, t_new, x_new)
-        record("paper", n_paper, 0, m, "sse", sse(x_new, predict(t_new)), seconds, extra)
+        record("paper", n_paper, 0, m, {"sse": sse(x_new, predict(t_new))}, seconds, extra)
 
     name = "exp1_timeseries_quick" if args.quick else "exp1_timeseries"
     path = write_csv(name, rows)
-    held = summarize(rows, "held-out", "error")
-    paper = summarize(rows, "paper", "error")
+    held = summarise([r for r in rows if r["setting"] == "held-out"], "test_mse")
+    paper = summarise([r for r in rows if r["setting"] == "paper"], "sse")
     shown = [m for m in METHODS if any((n, m) in held for n in sizes)]
 
     w = 20
@@ -254,20 +208,20 @@ def _run(args):
     timed = [m for m in shown if m != "pretrained"]
     print(f"{'N':>5}" + "".join(f"{m:>{w - 6}}" for m in timed) + f"{'GD/LVA':>{w - 6}}")
     for n in sizes:
-        cells = [fmt_time(held[(n, m)]["time"]) if (n, m) in held else "" for m in timed]
-        ratio = held[(n, "GD")]["time"] / held[(n, "LVA")]["time"]
+        cells = [fmt_time(held[(n, m)]["fit_s"]) if (n, m) in held else "" for m in timed]
+        ratio = held[(n, "GD")]["fit_s"] / held[(n, "LVA")]["fit_s"]
         print(f"{n:>5}" + "".join(f"{c:>{w - 6}}" for c in cells) + f"{ratio:>{w - 7}.0f}x")
     print(f"\nthe paper's setting: adapt on all {n_paper} target points, SSE on the same points")
     print(f"{'method':<12}{'SSE':>10}{'fit time':>12}")
     for m in METHODS:
         if (n_paper, m) in paper:
             s = paper[(n_paper, m)]
-            print(f"{m:<12}{s['mean']:>10.1f}{fmt_time(s['time']):>12}")
-    ratio = paper[(n_paper, "GD")]["time"] / paper[(n_paper, "LVA")]["time"]
+            print(f"{m:<12}{s['mean']:>10.1f}{fmt_time(s['fit_s']):>12}")
+    ratio = paper[(n_paper, "GD")]["fit_s"] / paper[(n_paper, "LVA")]["fit_s"]
     print(f"GD/LVA fit time: {ratio:.0f}x")
-    if run_skorch:
+    if run_skorch:  # the paper's setting only
         gaps = [
-            abs(a["error"] - b["error"]) / b["error"]
+            abs(a["sse"] - b["sse"]) / b["sse"]
             for a in rows
             if a["method"] == "skorch"
             for b in rows
@@ -286,7 +240,7 @@ def _run(args):
         if m != "pretrained":
             lo, hi = (np.array([held[(n, m)][q] for n in ns]) for q in ("q1", "q3"))
             ax.fill_between(ns, lo, hi, color=line.get_color(), alpha=0.15)
-            times = [held[(n, m)]["time"] for n in ns]
+            times = [held[(n, m)]["fit_s"] for n in ns]
             ax_t.plot(ns, times, styles[m], color=line.get_color(), label=m)
     for a in (ax, ax_t):
         a.set_xscale("log")

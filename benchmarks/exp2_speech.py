@@ -41,7 +41,6 @@ times slower (7.7 s against 0.12 s) and a DDAE training step 20 times slower tha
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -49,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from math import gcd
 from pathlib import Path
 
@@ -58,7 +58,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import CACHE, save_figure, write_csv
+from _common import CACHE, cached_weights, median_time, parser, save_figure, summarise, write_csv
 from sklearn.model_selection import GroupKFold
 from threadpoolctl import threadpool_limits
 from torch import nn
@@ -332,28 +332,24 @@ def ddae(n_in, width, seed=0):
 
 def pretrain_ddae(X, Y, *, width, epochs, batch_size=256, name=None):
     """Minibatch Adam (lr 1e-3) on the MSE; weights cached under benchmarks/.cache/<name>.pt."""
-    net = ddae(X.shape[1], width)
-    path = None if name is None else CACHE / f"{name}.pt"
-    if path is not None and path.exists():
-        net.load_state_dict(torch.load(path))
-        return net.eval(), True
-    Xt, Yt = torch.as_tensor(X), torch.as_tensor(Y)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    net.train()
-    for epoch in range(epochs):
-        total = 0.0
-        for idx in torch.randperm(len(Xt), generator=gen).split(batch_size):
-            opt.zero_grad()
-            loss = nn.functional.mse_loss(net(Xt[idx]), Yt[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        print(f"  pretraining epoch {epoch + 1}/{epochs}: source MSE {total / len(Xt):.4f}", flush=True)
-    if path is not None:
-        CACHE.mkdir(exist_ok=True)
-        torch.save(net.state_dict(), path)
-    return net.eval(), False
+
+    def train(net):
+        Xt, Yt = torch.as_tensor(X), torch.as_tensor(Y)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        gen = torch.Generator().manual_seed(0)
+        net.train()
+        for epoch in range(epochs):
+            total = 0.0
+            for idx in torch.randperm(len(Xt), generator=gen).split(batch_size):
+                opt.zero_grad()
+                loss = nn.functional.mse_loss(net(Xt[idx]), Yt[idx])
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+            print(f"  pretraining epoch {epoch + 1}/{epochs}: source MSE {total / len(Xt):.4f}", flush=True)
+
+    net, loaded = cached_weights(ddae(X.shape[1], width), name, train)
+    return net.eval(), loaded
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -387,30 +383,27 @@ def evaluate(L_hat, test, metrics, resynthesis=True):
     Without resynthesis (the noisy baseline) STOI and PESQ are those of the noisy waveform.
     """
     X_test, Y_test, g_test, pairs = test
-    row = {"spectral_mse": float(np.mean((L_hat - Y_test) ** 2))}
+    row = {"test_spectral_mse": float(np.mean((L_hat - Y_test) ** 2))}
     for name, fn in metrics.items():
-        if fn is None:
-            row[name] = np.nan
+        if fn is None:  # not measured: its package is missing
+            row[f"test_{name}"] = None
             continue
         scores = []
         for i, (clean, noisy) in enumerate(pairs):
             enhanced = resynthesise(noisy, L_hat[g_test == i]) if resynthesis else noisy
             scores.append(fn(clean.astype(np.float64), enhanced.astype(np.float64)))
-        row[name] = float(np.nanmean(scores))
+        row[f"test_{name}"] = float(np.nanmean(scores))
     return row
 
 
 # ----------------------------------------------------------------------------- main
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--context", type=int, default=0, help="context frames on each side (default 0)")
-    parser.add_argument(
+    cli = parser(__doc__)
+    cli.add_argument("--context", type=int, default=0, help="context frames on each side (default 0)")
+    cli.add_argument(
         "--threads", type=int, default=1, help="torch and BLAS threads (default 1: see the docstring)"
     )
-    args = parser.parse_args(argv)
+    args = cli.parse_args(argv)
     torch.set_num_threads(args.threads)
     with threadpool_limits(args.threads):
         return run(args)
@@ -500,8 +493,8 @@ def run(args):
 
     rows = []
     for m in ("noisy", "pretrained"):
-        rows.append(dict(n_utterances=0, seed=-1, method=m, n_frames=0, **baseline[m], fit_seconds=0.0,
-                         alpha=np.nan, best_epoch=np.nan))  # fmt: skip
+        rows.append(dict(n=0, seed=None, method=m, n_frames=0, **baseline[m], fit_s=None, alpha=None,
+                         best_epoch=None))  # fmt: skip
 
     pool_ids = np.arange(len(pool))
     for n in cfg["sizes"]:
@@ -537,19 +530,17 @@ def run(args):
                 ),
             }  # fmt: skip
             for m, (est, kw) in estimators.items():
-                t0 = time.perf_counter()
-                est.fit(X, Y, **kw)
-                seconds = time.perf_counter() - t0
+                seconds, _ = median_time(partial(est.fit, X, Y, **kw), 1, warmup=0)
                 row = evaluate(est.predict(X_test), test, metrics)
                 rows.append(
-                    dict(n_utterances=n, seed=seed, method=m, n_frames=len(X), **row, fit_seconds=seconds,
-                         alpha=getattr(est, "alpha_", getattr(est, "alpha", np.nan)),
-                         best_epoch=getattr(est, "best_epoch_", np.nan))
+                    dict(n=n, seed=seed, method=m, n_frames=len(X), **row, fit_s=seconds,
+                         alpha=getattr(est, "alpha_", getattr(est, "alpha", None)),
+                         best_epoch=getattr(est, "best_epoch_", None))
                 )  # fmt: skip
             print(
                 f"  N = {n} utterances ({len(X)} frames), seed {seed}: "
                 + ", ".join(
-                    f"{r['method']} {r['spectral_mse']:.4f} ({r['fit_seconds']:.2f} s)" for r in rows[-4:]
+                    f"{r['method']} {r['test_spectral_mse']:.4f} ({r['fit_s']:.2f} s)" for r in rows[-4:]
                 )
                 + f"; CV alpha {rows[-3]['alpha']:.3g}, GD-tuned epoch {rows[-1]['best_epoch']}",
                 flush=True,
@@ -557,23 +548,15 @@ def run(args):
 
     out = "exp2_speech" + ("_quick" if args.quick else "")
     path = write_csv(out, rows)
-    summary = summarise(rows, cfg, metrics)
+    summary = {k: summarise(rows, k) for k in ("test_spectral_mse", "test_stoi", "test_pesq", "fit_s")}
+    report(summary, cfg, metrics)
     plot(summary, cfg, out, path)
     print(f"total wall time {time.perf_counter() - t_start:.0f} s")
     return summary
 
 
-def summarise(rows, cfg, metrics):
-    """Print the table; return {(method, n): {metric: (mean, std)}}."""
-    keys = ["spectral_mse", "stoi", "pesq", "fit_seconds"]
-    summary = {}
-    for m in METHODS:
-        for n in (0,) if m in ("noisy", "pretrained") else cfg["sizes"]:
-            sel = [r for r in rows if r["method"] == m and r["n_utterances"] == n]
-            summary[(m, n)] = {
-                k: (float(np.mean([r[k] for r in sel])), float(np.std([r[k] for r in sel]))) for k in keys
-            }
-            summary[(m, n)]["fit_seconds_median"] = float(np.median([r["fit_seconds"] for r in sel]))
+def report(summary, cfg, metrics):
+    """Print the table of ``summary``: ``{column: {(n, method): statistics over seeds}}``."""
     print(
         f"\ntarget-domain test metrics, mean ± std over {cfg['seeds']} seeds (spectral MSE of log1p|STFT|: "
         "lower is better; STOI, PESQ-WB: higher is better); fit time: median, feature cache off"
@@ -585,49 +568,48 @@ def summarise(rows, cfg, metrics):
     print(head)
     print("-" * len(head))
 
-    def cell(v, fmt, spread=True):
-        if np.isnan(v[0]):
-            return "n/a"
-        return f"{v[0]:{fmt}} ± {v[1]:{fmt}}" if spread else f"{v[0]:{fmt}}"
+    def cells(key, spread=True):
+        """The three metrics' cells of row ``key``: mean (± std), or n/a where not measured."""
+        out = []
+        for k, fmt, width in (
+            ("test_spectral_mse", ".4f", 17),
+            ("test_stoi", ".3f", 15),
+            ("test_pesq", ".3f", 15),
+        ):
+            s = summary[k][key]
+            text = f"{s['mean']:{fmt}}" + (f" ± {s['std']:{fmt}}" if spread else "")
+            out.append(f"{'n/a' if np.isnan(s['mean']) else text:>{width}}")
+        return " ".join(out)
 
     for m in ("noisy", "pretrained"):
-        s = summary[(m, 0)]
-        print(
-            f"{'-':>6} {m:<11} {cell(s['spectral_mse'], '.4f', False):>17} "
-            f"{cell(s['stoi'], '.3f', False):>15} {cell(s['pesq'], '.3f', False):>15}"
-        )
+        print(f"{'-':>6} {m:<11} {cells((0, m), spread=False)}")
     for n in cfg["sizes"]:
-        lva = summary[("LVA", n)]["fit_seconds_median"]
+        lva = summary["fit_s"][(n, "LVA")]["median"]
         for m in METHODS[2:]:
-            s = summary[(m, n)]
-            t = s["fit_seconds_median"]
-            print(
-                f"{n:>6} {m:<11} {cell(s['spectral_mse'], '.4f'):>17} {cell(s['stoi'], '.3f'):>15} "
-                f"{cell(s['pesq'], '.3f'):>15} {t:>9.2f}s {t / lva:>7.1f}"
-            )
+            t = summary["fit_s"][(n, m)]["median"]
+            print(f"{n:>6} {m:<11} {cells((n, m))} {t:>9.2f}s {t / lva:>7.1f}")
     missing = [k for k, f in metrics.items() if f is None]
     if missing:
         print(f"not measured: {', '.join(missing)} (package not installed)")
-    return summary
 
 
 def plot(summary, cfg, name, csv_path):
     sizes = list(cfg["sizes"])
-    panels = [("spectral_mse", "spectral MSE (log1p|STFT|)"), ("stoi", "STOI"), ("pesq", "PESQ (wideband)"),
-              ("fit_seconds", "fit time (s)")]  # fmt: skip
+    panels = [("test_spectral_mse", "spectral MSE (log1p|STFT|)"), ("test_stoi", "STOI"),
+              ("test_pesq", "PESQ (wideband)"), ("fit_s", "fit time (s)")]  # fmt: skip
     fig, axes = plt.subplots(1, 4, figsize=(16, 4))
     colors = dict(zip(METHODS, ["0.5", "k", "C0", "C1", "C2", "C3"], strict=True))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for m in METHODS:
             if m in ("noisy", "pretrained"):
-                if key != "fit_seconds" and not np.isnan(summary[(m, 0)][key][0]):
-                    ax.axhline(summary[(m, 0)][key][0], color=colors[m], ls="--", label=m)
+                if key != "fit_s" and not np.isnan(summary[key][(0, m)]["mean"]):
+                    ax.axhline(summary[key][(0, m)]["mean"], color=colors[m], ls="--", label=m)
                 continue
-            mean = [summary[(m, n)][key][0] for n in sizes]
-            std = [summary[(m, n)][key][1] for n in sizes]
+            mean = [summary[key][(n, m)]["mean"] for n in sizes]
+            std = [summary[key][(n, m)]["std"] for n in sizes]
             ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, color=colors[m], label=m)
         ax.set_xscale("log")
-        if key in ("fit_seconds", "spectral_mse"):
+        if key in ("fit_s", "test_spectral_mse"):
             ax.set_yscale("log")
         ax.set_xlabel("target training utterances N")
         ax.set_title(label)

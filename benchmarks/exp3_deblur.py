@@ -59,10 +59,10 @@ of the LVA fit at the largest N is measured in a fresh subprocess.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -72,9 +72,20 @@ import matplotlib.pyplot as plt
 import numpy as np
 import skimage.data
 import torch
-from _common import CACHE, peak_rss_growth_mib, run_fresh, save_figure, write_csv
+from _common import (
+    blur,
+    cached_weights,
+    fit_skorch,
+    median_time,
+    parser,
+    peak_rss_growth_mib,
+    run_fresh,
+    save_figure,
+    srcnn,
+    summarise,
+    write_csv,
+)
 from skimage.color import gray2rgb, rgb2ycbcr
-from skimage.transform import resize
 from threadpoolctl import threadpool_limits
 from torch import nn
 from torch.nn import functional as F
@@ -109,21 +120,12 @@ def load_y(name):
     return y[:h, :w].astype(np.float32)
 
 
-def blur(y, scale):
-    """Bicubic down by ``scale`` (anti-aliased) and back up to the original size."""
-    h, w = y.shape
-    small = resize(y, (h // scale, w // scale), order=3, anti_aliasing=True)
-    return resize(small, (h, w), order=3, anti_aliasing=False).astype(np.float32)
-
-
-def srcnn(seed=0):
-    torch.manual_seed(seed)
-    layers = [nn.Conv2d(1, 32, 9), nn.ReLU(), nn.BatchNorm2d(32)]
-    for _ in range(3):
-        layers += [nn.Conv2d(32, 32, 5), nn.ReLU(), nn.BatchNorm2d(32)]
-    head = nn.Conv2d(32, 1, 5, bias=False)
-    nn.init.zeros_(head.weight)  # residual learning: start at the blurred input
-    return nn.Sequential(*layers, head)
+def residual_srcnn(seed=0):
+    """The 'valid' SRCNN, its head initialised to zero (residual learning: it starts at the
+    blurred input), as one Sequential."""
+    body, head = srcnn(seed)
+    nn.init.zeros_(head.weight)
+    return nn.Sequential(*body, head)
 
 
 def patches(pairs, n, rng, size=PATCH):
@@ -145,25 +147,21 @@ def patches(pairs, n, rng, size=PATCH):
 def pretrain_srcnn(pairs, *, steps, batch, crop, name):
     """Adam (lr 1e-3 decayed linearly to 0) on random crops of the source images (fresh crops
     every step); cached under benchmarks/.cache/."""
-    net = srcnn()
-    path = None if name is None else CACHE / f"{name}.pt"
-    if path is not None and path.exists():
-        net.load_state_dict(torch.load(path))
-        return net.eval(), True
-    rng = np.random.default_rng(0)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)  # linear decay to 0
-    net.train()
-    for _ in range(steps):
-        X, Y = patches(pairs, batch, rng, size=crop)
-        opt.zero_grad()
-        F.mse_loss(net(torch.as_tensor(X)), torch.as_tensor(Y)).backward()
-        opt.step()
-        schedule.step()
-    if path is not None:
-        CACHE.mkdir(exist_ok=True)
-        torch.save(net.state_dict(), path)
-    return net.eval(), False
+
+    def train(net):
+        rng = np.random.default_rng(0)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+        schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 1 - k / steps)  # linear decay to 0
+        net.train()
+        for _ in range(steps):
+            X, Y = patches(pairs, batch, rng, size=crop)
+            opt.zero_grad()
+            F.mse_loss(net(torch.as_tensor(X)), torch.as_tensor(Y)).backward()
+            opt.step()
+            schedule.step()
+
+    net, loaded = cached_weights(residual_srcnn(), name, train)
+    return net.eval(), loaded
 
 
 def psnr(pred, sharp):
@@ -207,35 +205,11 @@ def make_adapters(body, head, seed, gd_batch, epochs):
     }
 
 
-def fit_skorch(body, head, X, y, *, batch, epochs, seed):
-    """The peer a user would pick today: skorch training a copy of the head on frozen features."""
-    from skorch import NeuralNetRegressor
-
-    frozen = copy.deepcopy(body).eval()
-    with torch.no_grad():
-        feats = torch.cat([frozen(torch.as_tensor(X[i : i + 256])) for i in range(0, len(X), 256)])
-    torch.manual_seed(seed)
-    net = NeuralNetRegressor(
-        copy.deepcopy(head),
-        criterion=nn.MSELoss,
-        optimizer=torch.optim.Adam,
-        lr=GD_LR,
-        max_epochs=epochs,
-        batch_size=batch,
-        train_split=None,
-        iterator_train__shuffle=True,
-        device="cpu",
-        verbose=0,
-    )
-    net.fit(feats, torch.as_tensor(y))
-    return net.module_.weight.detach().double().numpy()
-
-
 def _memory_probe(directory):
     """Run in a fresh process: peak RSS growth of one LVA fit (feature cache off)."""
     data = np.load(Path(directory) / "data.npz")
     X, y = data["X"], data["y"]
-    net = srcnn()
+    net = residual_srcnn()
     net.load_state_dict(torch.load(Path(directory) / "net.pt"))
     net.eval()
     t0 = time.perf_counter()
@@ -252,32 +226,17 @@ def measure_memory(net, X, y, threads):
         return run_fresh(__file__, "--threads", threads, "--_memory-probe", directory)
 
 
-def summarise(rows, sizes, methods):
-    table = {}
-    for n in sizes:
-        for m in methods:
-            sel = [r for r in rows if r["n"] == n and r["method"] == m]
-            if sel:
-                v = np.array([r["psnr_db"] for r in sel])
-                t = np.median([r["fit_seconds"] for r in sel])
-                table[(n, m)] = (v.mean(), v.std(), t)
-    return table
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
+    cli = parser(__doc__)
+    cli.add_argument(
         "--threads",
         type=int,
         default=1,
         help="torch and BLAS threads (default 1: on a shared machine a second thread slowed GD's "
         "tiny steps 20-fold and an 800 x 800 eigh 50-fold)",
     )
-    parser.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    cli.add_argument("--_memory-probe", dest="memory_probe", help=argparse.SUPPRESS)
+    args = cli.parse_args(argv)
     torch.set_num_threads(args.threads)
     threadpool_limits(args.threads)  # BLAS too (numpy/scipy's eigh); oversubscription is costly here
     if args.memory_probe:
@@ -336,32 +295,34 @@ def main(argv=None):
         gd_batch = 16 if quick else (1 if n <= 256 else n // 32)
         for seed in seeds:
             X, y = pool[seed][0][:n], pool[seed][1][:n]
-            common = dict(n=n, seed=seed)
-            rows.append(dict(**common, method="blurred input", psnr_db=psnr_in, fit_seconds=0.0, detail=""))
-            rows.append(dict(**common, method="pretrained", psnr_db=psnr_pre, fit_seconds=0.0, detail=""))
+            blank = dict(fit_s=None, alpha=None, batch_size=None, epochs=None, best_epoch=None)
+            rows.append(dict(n=n, seed=seed, method="blurred input", test_psnr_db=psnr_in, **blank))
+            rows.append(dict(n=n, seed=seed, method="pretrained", test_psnr_db=psnr_pre, **blank))
             adapters = make_adapters(body, head, seed, gd_batch, epochs)
             for name in methods:
-                clear_cache()  # every method pays for its own forward pass
-                t0 = time.perf_counter()
                 if name == "skorch":
-                    coef = fit_skorch(body, head, X, y, batch=gd_batch, epochs=epochs, seed=seed)
+                    fit = partial(fit_skorch, body, head, X, y, lr=GD_LR, epochs=epochs, batch_size=gd_batch,
+                                  shuffle=True, seed=seed)  # fmt: skip
                 else:
-                    coef = adapters[name].fit(X, y).coef_
-                seconds = time.perf_counter() - t0
-                detail = ""
-                if name == "LVA-CV":
-                    detail = f"alpha={adapters[name].alpha_:g}"
-                elif name != "LVA (alpha=0)":
-                    detail = f"batch={gd_batch} epochs={epochs}"
-                    if name == "GD-tuned":
-                        detail += f" best_epoch={adapters[name].best_epoch_}"
-                weights[(n, seed, name)] = coef
-                rows.append(
-                    dict(**common, method=name, psnr_db=test.psnr(coef), fit_seconds=seconds, detail=detail)
+                    fit = partial(adapters[name].fit, X, y)
+                # every method pays for its own forward pass: the feature cache is emptied first
+                seconds, fitted = median_time(fit, 1, warmup=0, setup=clear_cache)
+                coef = (
+                    fitted[0].module_.weight.detach().double().numpy() if name == "skorch" else fitted.coef_
                 )
+                row = dict(n=n, seed=seed, method=name, test_psnr_db=test.psnr(coef), **blank)
+                row["fit_s"] = seconds
+                if name == "LVA-CV":
+                    row["alpha"] = adapters[name].alpha_
+                elif name != "LVA (alpha=0)":
+                    row.update(batch_size=gd_batch, epochs=epochs)
+                    if name == "GD-tuned":
+                        row["best_epoch"] = adapters[name].best_epoch_
+                weights[(n, seed, name)] = coef
+                rows.append(row)
             print(
                 f"N={n:5d} seed {seed}: "
-                + ", ".join(f"{r['method']} {r['psnr_db']:.2f} dB" for r in rows[-len(methods) :]),
+                + ", ".join(f"{r['method']} {r['test_psnr_db']:.2f} dB" for r in rows[-len(methods) :]),
                 flush=True,
             )
 
@@ -374,7 +335,7 @@ def main(argv=None):
 
     name = "exp3_deblur" + ("_quick" if quick else "")
     path = write_csv(name, rows)
-    table = summarise(rows, sizes, ["blurred input", "pretrained", *methods])
+    table = summarise(rows, "test_psnr_db")
     cols = ["blurred input", "pretrained", *methods]
     print(
         f"\nPSNR (dB) on {len(target_test)} held-out images at scale {TARGET_SCALE} against the sharp "
@@ -382,21 +343,22 @@ def main(argv=None):
     )
     print(f"{'N':>5} " + " ".join(f"{c:>15}" for c in cols))
     for n in sizes:
-        print(f"{n:5d} " + " ".join(f"{table[(n, c)][0]:>8.2f} ± {table[(n, c)][1]:4.2f}" for c in cols))
+        cells = [f"{table[(n, c)]['mean']:>8.2f} ± {table[(n, c)]['std']:4.2f}" for c in cols]
+        print(f"{n:5d} " + " ".join(cells))
     print(
         f"\nfit wall time (s, median over seeds, {args.threads} torch thread(s), own forward pass "
         "included) and GD / LVA"
     )
     print(f"{'N':>5} " + " ".join(f"{m:>14}" for m in methods) + f" {'GD/LVA':>8}")
     for n in sizes:
-        ratio = table[(n, "GD")][2] / table[(n, "LVA (alpha=0)")][2]
-        print(f"{n:5d} " + " ".join(f"{table[(n, m)][2]:14.2f}" for m in methods) + f" {ratio:8.2f}")
+        ratio = table[(n, "GD")]["fit_s"] / table[(n, "LVA (alpha=0)")]["fit_s"]
+        print(f"{n:5d} " + " ".join(f"{table[(n, m)]['fit_s']:14.2f}" for m in methods) + f" {ratio:8.2f}")
     alphas = {
-        n: sorted({r["detail"] for r in rows if r["n"] == n and r["method"] == "LVA-CV"}) for n in sizes
+        n: sorted({f"alpha={r['alpha']:g}" for r in rows if r["n"] == n and r["method"] == "LVA-CV"})
+        for n in sizes
     }
     epochs_kept = {
-        n: [r["detail"].split("best_epoch=")[1] for r in rows if r["n"] == n and r["method"] == "GD-tuned"]
-        for n in sizes
+        n: [str(r["best_epoch"]) for r in rows if r["n"] == n and r["method"] == "GD-tuned"] for n in sizes
     }
     print(f"LVA-CV chose {alphas}; GD-tuned kept epochs {epochs_kept}")
     print(
@@ -410,16 +372,19 @@ def main(argv=None):
     grid = fig.add_gridspec(2, 5, height_ratios=[1.4, 1])
     ax = fig.add_subplot(grid[0, :])
     for m in methods:
-        ax.errorbar(sizes, [table[(n, m)][0] for n in sizes], yerr=[table[(n, m)][1] for n in sizes],
-                    marker="o", capsize=3, label=m)  # fmt: skip
+        mean, std = ([table[(n, m)][k] for n in sizes] for k in ("mean", "std"))
+        ax.errorbar(sizes, mean, yerr=std, marker="o", capsize=3, label=m)
     ax.axhline(psnr_pre, color="k", linestyle="--", label="pretrained (scale 3)")
     ax.axhline(psnr_in, color="grey", linestyle=":", label="blurred input")
     # zoom on the methods that keep within a few dB of the input; say where the others are
-    top = max(v[0] + v[1] for v in table.values())
+    top = max(v["mean"] + v["std"] for v in table.values())
     bottom = psnr_in - 2.0
     ax.set_ylim(bottom, top + 0.25)
     off = [
-        f"{m} {table[(n, m)][0]:.1f} dB at N={n}" for m in methods for n in sizes if table[(n, m)][0] < bottom
+        f"{m} {table[(n, m)]['mean']:.1f} dB at N={n}"
+        for m in methods
+        for n in sizes
+        if table[(n, m)]["mean"] < bottom
     ]
     if off:
         ax.text(0.01, 0.02, "below the axis: " + "; ".join(off), transform=ax.transAxes, fontsize=7)

@@ -12,15 +12,13 @@ library's GD baseline lands.)
     python benchmarks/study_sparsity.py --quick    # fewer sizes and seeds, 500 pretraining epochs
 """
 
-import argparse
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import predict_torch, pretrain, save_figure, timeseries_setup, write_csv
+from _common import parser, predict_torch, pretrain, save_figure, summarise, timeseries_setup, write_csv
 
 from skl_transfer import LayerVariationalAdapter, LayerVariationalAdapterCV
 
@@ -28,11 +26,7 @@ ALPHAS = [0.0, 1e-3, 1e-1, 10.0, 1000.0]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args(argv)
+    args = parser(__doc__).parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     sizes = [8, 32, 128] if args.quick else [8, 16, 32, 64, 128, 256, 512, 1000]
     seeds = range(3 if args.quick else 10)
@@ -64,19 +58,14 @@ def main(argv=None):
     methods = list(dict.fromkeys(r["method"] for r in rows))
     print(f"held-out target MSE (1000 points), mean ± std over {len(seeds)} seeds")
     print(f"{'N':>5} " + " ".join(f"{m[:22]:>24}" for m in methods))
-    summary = {}
+    summary = summarise(rows, "test_mse")
     for n in sizes:
-        cells = []
-        for m in methods:
-            v = np.array([r["test_mse"] for r in rows if r["n"] == n and r["method"] == m])
-            summary[(n, m)] = (v.mean(), v.std())
-            cells.append(f"{v.mean():>13.4f} ± {v.std():<8.4f}")
+        cells = [f"{summary[(n, m)]['mean']:>13.4f} ± {summary[(n, m)]['std']:<8.4f}" for m in methods]
         print(f"{n:>5} " + " ".join(f"{c:>24}" for c in cells))
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for m in methods:
-        mean = np.array([summary[(n, m)][0] for n in sizes])
-        std = np.array([summary[(n, m)][1] for n in sizes])
+        mean, std = (np.array([summary[(n, m)][k] for n in sizes]) for k in ("mean", "std"))
         ax.plot(sizes, mean, "k--" if m == "pretrained" else "o-", label=m)
         ax.fill_between(sizes, np.maximum(mean - std, 1e-3), mean + std, alpha=0.15)  # log axis
     ax.set_xscale("log")

@@ -1,4 +1,4 @@
-"""Throughput and memory of the fit against the limits it cannot beat (issue 7).
+"""Throughput and memory of the fit against the limits it cannot beat.
 
 Measured side by side in one run (medians of --repeats runs after a warm-up):
 
@@ -27,7 +27,9 @@ Peak RSS growth is the process's own high-water mark (VmHWM, reset just before t
 (target >= 85%), the bytes copied device -> host during a fit, agreement with a float64 CPU
 fit on the same features, and ``LayerVariationalAdapterCV`` over 30 alphas x 5 folds.
 
-Writes benchmarks/results/throughput.csv and .png (``_quick`` with --quick).
+Writes benchmarks/results/throughput.csv and .png (``_quick`` with --quick), a row per case:
+``ratio`` is the measure that ``target`` bounds (``lva_s / baseline_s``, or the peak RSS growth
+over 1 GiB); ``--device`` writes throughput_<device type>.csv.
 """
 
 import argparse
@@ -40,12 +42,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import median_time, peak_rss_growth_mib, run_fresh, save_figure, srcnn_paper, write_csv
+from _common import median_time, parser, peak_rss_growth_mib, run_fresh, save_figure, srcnn_paper, write_csv
 from sklearn.linear_model import Ridge
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from skl_transfer import LayerVariationalAdapter, LayerVariationalAdapterCV
+
+
+def shortcut(c_in, c_out, stride):
+    """A residual block's skip connection: identity, or a strided 1 x 1 conv and BatchNorm."""
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
 
 
 class BasicBlock(nn.Module):
@@ -55,11 +64,7 @@ class BasicBlock(nn.Module):
         self.bn1 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.skip = (
-            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-            if stride != 1 or c_in != c_out
-            else nn.Identity()
-        )
+        self.skip = shortcut(c_in, c_out, stride)
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -75,11 +80,7 @@ class Bottleneck(nn.Module):
             nn.Conv2d(width, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
             nn.Conv2d(width, c_out, 1, bias=False), nn.BatchNorm2d(c_out),
         )  # fmt: skip
-        self.skip = (
-            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-            if stride != 1 or c_in != c_out
-            else nn.Identity()
-        )
+        self.skip = shortcut(c_in, c_out, stride)
 
     def forward(self, x):
         return torch.relu(self.body(x) + self.skip(x))
@@ -134,7 +135,7 @@ def fit_vs_forward(name, body, X, k, batch_size, repeats, target):
         f"ratio {ratio:.3f} (target <= {target})"
     )
     return dict(case=name, n=len(X), d=est.coef_.shape[1], baseline_s=t_forward, lva_s=t_fit, ratio=ratio,
-                target=target, extra="")  # fmt: skip
+                target=target, coef_rel_diff=None, peak_rss_growth_mib=None)  # fmt: skip
 
 
 def solve_vs_ridge(n, d, k, repeats):
@@ -156,7 +157,7 @@ def solve_vs_ridge(n, d, k, repeats):
         f"Ridge/LVA {t_ridge / t_lva:.2f}x, max relative coefficient difference {err:.1e}"
     )
     return dict(case="solve", n=n, d=d, baseline_s=t_ridge, lva_s=t_lva, ratio=t_lva / t_ridge, target=1.0,
-                extra=f"max rel coef diff {err:.1e}")  # fmt: skip
+                coef_rel_diff=err, peak_rss_growth_mib=None)  # fmt: skip
 
 
 class HostCopies(TorchDispatchMode):
@@ -191,7 +192,7 @@ def _sync(device):
 
 
 def device_checks(device, n, size, batch, repeats):
-    """The GPU targets of issue 7 on ``device`` (also runs on the CPU, small, as a test).
+    """The GPU targets on ``device`` (also runs on the CPU, small, as a test).
 
     ResNet-50 body (random weights) on n images of size x size already on the device, d = 2048:
     fit throughput / forward-only throughput (target >= 0.85); bytes copied device -> host
@@ -256,9 +257,9 @@ def device_checks(device, n, size, batch, repeats):
         f"alpha_ {cv.alpha_:g} (CPU on the same features: {cv_ref.alpha_:g}), coef difference {cv_diff:.1e}"
     )
     return dict(
-        device=name, n=n, forward_s=t_forward, fit_s=t_fit, throughput_share=share,
-        host_bytes=copies.bytes, feature_bytes=feature_bytes, coef_diff=diff, cv_s=t_cv,
-        cv_alpha=cv.alpha_, cv_alpha_cpu=cv_ref.alpha_, cv_coef_diff=cv_diff,
+        device=name, n=n, forward_s=t_forward, fit_s=t_fit, forward_over_fit=share,
+        host_bytes=copies.bytes, feature_bytes=feature_bytes, coef_rel_diff=diff, cv_s=t_cv,
+        cv_alpha=cv.alpha_, cv_alpha_cpu=cv_ref.alpha_, cv_coef_rel_diff=cv_diff,
     )  # fmt: skip
 
 
@@ -306,24 +307,21 @@ def memory(kind, n):
             f"{rows * 800 * 8 / 2**30:.1f} GiB in float64), fit {res['seconds']:.1f} s"
         )
     print(f"{what}; peak RSS growth {growth:.0f} MiB (fresh process; target < 1024)")
-    return dict(case=kind, n=n, d=800 if kind == "srcnn" else 1024, baseline_s=float("nan"),
+    return dict(case=kind, n=n, d=800 if kind == "srcnn" else 1024, baseline_s=None,
                 lva_s=res["seconds"], ratio=growth / 1024, target=1.0,
-                extra=f"peak RSS growth {growth:.0f} MiB")  # fmt: skip
+                coef_rel_diff=None, peak_rss_growth_mib=growth)  # fmt: skip
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--repeats", type=int, default=None)
-    parser.add_argument(
+    cli = parser(__doc__)
+    cli.add_argument("--repeats", type=int, default=None)
+    cli.add_argument(
         "--device",
         default=None,
         help="run the device checks (ResNet-50, 224 x 224) on this device instead, e.g. cuda",
     )
-    parser.add_argument("--_probe", nargs=2, dest="probe", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    cli.add_argument("--_probe", nargs=2, dest="probe", help=argparse.SUPPRESS)
+    args = cli.parse_args(argv)
     if args.probe:
         return _probe(args.probe[0], int(args.probe[1]))
     repeats = args.repeats or (1 if args.quick else 3)

@@ -305,12 +305,14 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
     determinism probe. :func:`clear_cache` forgets these choices. Concurrent threads fitting
     a model that is not yet measured wait for the first one to choose, so each row is still
     computed once. Choices are made from timings, so a model close to the threshold may be
-    cached in one process and not in another; results do not depend on it. A cached feature
-    is bitwise the one the extractor computed for that row, so a fit from the cache is
-    identical to an uncached fit with the same batching (tested exactly); float32 kernels can
-    round a row's features differently in different batches (last bits, about 1e-7
-    relative), so a cached search, whose rows were computed in other batches than an
-    uncached search would use, agrees with it to that rounding, not bitwise. ``cache="auto"``
+    cached in one process and not in another. A cached feature is bitwise the one the
+    extractor computed for that row, so a fit from the cache is identical to an uncached fit
+    with the same batching (tested exactly); but float32 kernels can round a row's features
+    differently in different batches (last bits, about 1e-7 relative), so a cached fit or
+    search, whose rows were computed in other batches, agrees with an uncached one to that
+    rounding, not bitwise (an ill-conditioned fit, alpha = 0 on few samples, magnifies it).
+    With ``"auto"`` the choice, hence those last bits, can vary between runs; pass
+    ``cache=True`` or ``cache=False`` for bitwise-reproducible results. ``cache="auto"``
     means the mode: name a directory called ``auto`` as ``"./auto"``; a directory is always
     used. ``partial_fit``, iterable and dask fits see each sample once and do not use the
     cache. What the keys cover and what they do not see: :class:`CacheKeyWarning`; memory:
