@@ -6,7 +6,7 @@ Layer variational analysis (Tseng et al., ICLR 2023) as scikit-learn estimators.
 from ._adapter import LayerVariationalAdapter
 from ._baselines import GradientDescentAdapter, GradientDescentClassifier
 from ._cache import cache_info, clear_cache, set_cache_limit
-from ._classifier import LayerVariationalClassifier
+from ._classifier import LayerVariationalClassifier, LayerVariationalClassifierCV
 from ._cv import LayerVariationalAdapterCV
 from ._diskcache import CacheDirectoryError, CacheLockTimeout
 from ._fingerprint import CacheKeyWarning
@@ -23,6 +23,7 @@ __all__ = [
     "LayerVariationalAdapter",
     "LayerVariationalAdapterCV",
     "LayerVariationalClassifier",
+    "LayerVariationalClassifierCV",
     "cache_info",
     "clear_cache",
     "logme",

@@ -87,11 +87,18 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         any shape (flattened per sample). It is deep-copied, put in eval mode and run
         under ``torch.inference_mode``; the module passed in is never modified.
         None means X already holds the features (2-D).
-    head : torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, (coef, intercept) pair or None, default=None
+    head : torch.nn.Linear, Conv1d, Conv2d, str, (coef, intercept) pair or None, default=None
         Pretrained last layer (a convolution: see Notes). A pair holds ``coef`` of shape
         (k, d) or (d,) and ``intercept`` as an array of shape (k,), a float, or None. None is
         a zero prior: the estimator is then ridge regression on the features (without an
-        extractor, exactly ``sklearn.linear_model.Ridge``).
+        extractor, exactly ``sklearn.linear_model.Ridge``). A string names a ``Linear`` or
+        ``Conv`` layer of ``extractor``, which is then the whole model (a dotted path as
+        ``model.get_submodule`` takes: ``"fc"``, ``"classifier.3"``, ``"head.classifier"``):
+        the features are that layer's input and the targets live in its output space. The
+        private copy of the model runs up to the layer's first call and computes nothing
+        after it, whatever the model returns (tensor, tuple, dict, ``ModelOutput``) or does
+        before or after the layer; a layer that forward calls more than once, or never, is
+        refused. ``to_module()`` then returns the whole model with that layer replaced.
     alpha : float, default=1.0
         Penalty on ``||coef_ - W_0||_F^2``, used as written (not squared). Must be >= 0.
     method : {"exact", "perturb"}, default="exact"

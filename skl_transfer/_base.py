@@ -20,8 +20,9 @@ from sklearn.utils.validation import _check_feature_names, check_is_fitted, vali
 from . import _diagnostics, _fingerprint, _solvers
 from ._features import cached_extractor, feature_batches, head_outputs
 from ._heads import AdaptedNetwork, Prior, as_prior
+from ._layers import LayerInput, check_called_once, export_state, named_layer, replace_layer
 from ._moments import accumulate_moments
-from ._torch import frozen_copy, resolve_device, to_numpy
+from ._torch import floating_dtype, frozen_copy, input_batch, resolve_device, to_numpy
 from ._validation import check_input, check_sample_weight, check_target
 
 
@@ -113,7 +114,7 @@ class BaseAdapter(BaseEstimator):
 
     _parameter_constraints: dict = {
         "extractor": [torch.nn.Module, None],
-        "head": [torch.nn.Module, tuple, list, None],  # which Module, which pair: checked in fit
+        "head": [torch.nn.Module, tuple, list, str, None],  # which Module, pair or name: checked in fit
         "fit_intercept": ["boolean", StrOptions({"auto"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "device": [str, torch.device],
@@ -174,6 +175,13 @@ class BaseAdapter(BaseEstimator):
         elif hasattr(self, "n_features_in_"):
             del self.n_features_in_
 
+    def _prior(self):
+        """The pretrained head as a :class:`Prior`: ``head``, or the layer of ``extractor`` it names."""
+        head = self.head
+        if isinstance(head, str):
+            head = named_layer(self.extractor, head)
+        return as_prior(head)
+
     def _resolve_fit_intercept(self, prior):
         if self.fit_intercept != "auto":
             return bool(self.fit_intercept)
@@ -206,7 +214,7 @@ class BaseAdapter(BaseEstimator):
                 "pass the target-domain targets, shape (n_samples,) or (n_samples, k)."
             )
         self.__dict__.pop("_moments_dropped", None)  # a fit starts again
-        prior = as_prior(self.head)
+        prior = self._prior()
         geometry = prior.geometry
         conv = geometry.is_conv
         if conv and (self.extractor is None or not self._supports_conv):
@@ -233,6 +241,9 @@ class BaseAdapter(BaseEstimator):
 
         t0 = time.perf_counter()
         net = None if self.extractor is None else frozen_copy(self.extractor, device)
+        if isinstance(self.head, str):  # a named layer: its input is the features
+            check_called_once(net, self.head, input_batch(X, slice(0, 1), device, floating_dtype(net)))
+            net = LayerInput(net, self.head)
         cached = cached_extractor(net, X, self.cache if use_cache else False)
         batches = iter(self._features(net, X, cached=cached, use_cache=use_cache))
         first = next(batches)
@@ -315,6 +326,8 @@ class BaseAdapter(BaseEstimator):
         self._record_input(X)
         self.extractor_ = None if net is None else net.to("cpu")
         self._extractor_on_device = None
+        # a named layer: what to_module restores on its copy of the whole model
+        self._export_state = export_state(self.extractor) if isinstance(net, LayerInput) else None
         self._spec = spec
         # the copy's Digest, reused by predict's cache only while extractor_ still matches it
         self._weights_digest = digest
@@ -400,13 +413,22 @@ class BaseAdapter(BaseEstimator):
             kernel). Its output has shape (n_samples, k) (k = 1 for 1-D y), or the conv output
             shape, and equals ``predict`` up to the rounding of the head's dtype (float32 or
             wider). The extractor is a copy of ``extractor_``; without an extractor the module
-            is the head alone.
+            is the head alone. With a named layer (``head="fc"``): a deep copy of the whole
+            model, of its own class, with that layer replaced by the adapted one (the layer's
+            class and dtype), on the model's device and with its modules' training flags and
+            parameters' ``requires_grad`` as they were at fit, so that the model's own forward
+            and post-processing run unchanged; the layer's output equals ``predict``.
         """
         check_is_fitted(self)
         coef, intercept = self._coef_2d()
         spec = self._spec
         has_bias = spec.fit_intercept or spec.prior.b0 is not None
         dtype = torch.promote_types(torch.promote_types(spec.prior.dtype, spec.feature_dtype), torch.float32)
+        if isinstance(self.extractor_, LayerInput):  # the whole model, its layer replaced
+            named = self.extractor_
+            return replace_layer(
+                named.model, named.name, coef, intercept if has_bias else None, self._export_state
+            )
         head = spec.geometry.layer(coef, intercept if has_bias else None, dtype)
         extractor = None if self.extractor_ is None else copy.deepcopy(self.extractor_)
         return AdaptedNetwork(extractor, head).eval().requires_grad_(False)

@@ -7,8 +7,10 @@ import warnings
 from numbers import Integral, Real
 
 import numpy as np
+from scipy.stats import rankdata
 from sklearn.base import ClassifierMixin, _fit_context
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.model_selection import KFold, StratifiedKFold, check_cv
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, column_or_1d
@@ -16,7 +18,6 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 from . import _solvers
 from ._base import BaseAdapter
 from ._features import gather_design
-from ._heads import as_prior
 from ._torch import to_numpy
 
 
@@ -29,13 +30,15 @@ class LogitsClassifierMixin:
         y = column_or_1d(to_numpy(y), warn=True)
         if y.shape[0] == 0:
             raise ValueError("Found array with 0 sample(s) (shape=(0,)) while a minimum of 1 is required.")
-        check_classification_targets(y)
-        prior = as_prior(self.head)
+        prior = self._prior()
         if prior.geometry.is_conv:
             raise ValueError(
                 f"{type(self).__name__} adapts Linear heads; a conv head outputs maps, not logits."
             )
         if prior.W0 is None:
+            # the classes are the labels seen; with a head, its outputs define them, and many
+            # classes with few samples each are no sign of a regression target (no warning)
+            check_classification_targets(y)
             classes, yidx = np.unique(y, return_inverse=True)
             if len(classes) < 2:
                 raise ValueError(
@@ -172,7 +175,8 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         Penalty on ``||W - W0||_F^2``, >= 0.
     loss : {"squared", "log"}, default="squared"
         "squared": the closed-form update toward target logits; "log": the multinomial log
-        loss, by Newton steps (see above).
+        loss, by Newton steps (see above); a Hessian larger than 256 MiB is never formed (its
+        steps are solved by conjugate gradients on Hessian-vector products).
     encoding : {"onehot", "margin"}, default="onehot"
         Target logits of the squared loss (see above).
     margin : float or "auto", default="auto"
@@ -370,3 +374,169 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         tags = super().__sklearn_tags__()
         tags.target_tags.multi_output = False
         return tags
+
+
+class LayerVariationalClassifierCV(LayerVariationalClassifier):
+    """LayerVariationalClassifier (squared loss) with alpha chosen by cross-validation.
+
+    The squared-loss update is ridge regression of the target logits' residue on the
+    features, so, as ``RidgeClassifierCV`` does, every candidate alpha is scored from one
+    decomposition of the features: exact leave-one-out (``cv=None``, the default, which needs
+    no class to have several samples) or K-fold (a splitter, or an int: stratified when every
+    class has at least that many samples, else shuffled K-fold). The score is the (weighted)
+    accuracy of the held-out argmax of the logits. The best alpha is refitted on all data.
+
+    Parameters
+    ----------
+    extractor : torch.nn.Module or None, default=None
+        Frozen body of the pretrained network, or the whole model with ``head`` naming its
+        layer, as in :class:`LayerVariationalAdapter`.
+    head : torch.nn.Linear, str, (coef, intercept) pair or None, default=None
+        Pretrained head whose outputs are the logits, as in :class:`LayerVariationalClassifier`.
+    alphas : array-like of float, default=(0.1, 1.0, 10.0)
+        Candidate penalties (> 0 for leave-one-out).
+    cv : int, cross-validation generator, iterable or None, default=None
+        None: exact leave-one-out; an int: that many folds; or a splitter.
+    encoding : {"onehot", "margin"}, default="onehot"
+        Target logits, as in :class:`LayerVariationalClassifier`.
+    margin : float or "auto", default="auto"
+        Logit margin of the targets, as in :class:`LayerVariationalClassifier`.
+    fit_intercept : bool or "auto", default="auto"
+        Whether to update the bias; "auto" follows the head.
+    batch_size : int, default=256
+        Samples per forward pass of the extractor.
+    device : str or torch.device, default="auto"
+        Where the extractor runs.
+    verbose : int, default=0
+        Print timings when > 0.
+    cache : "auto", bool, str, os.PathLike or joblib.Memory, default="auto"
+        Feature cache, as in :class:`LayerVariationalAdapter`.
+
+    Attributes
+    ----------
+    alpha_ : float
+        The chosen penalty.
+    best_score_ : float
+        Its mean held-out accuracy.
+    cv_results_ : dict
+        ``param_alpha``, ``mean_test_score`` and ``rank_test_score`` per candidate.
+    classes_, coef_, intercept_, n_iter_ : object
+        As in :class:`LayerVariationalClassifier`, for the refit with ``alpha_``.
+
+    See Also
+    --------
+    LayerVariationalClassifier : One alpha.
+    LayerVariationalAdapterCV : The same search for a regressor.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from skl_transfer import LayerVariationalClassifierCV
+    >>> rng = np.random.default_rng(0)
+    >>> Z = rng.normal(size=(60, 4))
+    >>> y = (Z[:, 0] > 0).astype(int)
+    >>> clf = LayerVariationalClassifierCV(head=(np.zeros((2, 4)), np.zeros(2)), alphas=[0.1, 10.0])
+    >>> clf.fit(Z, y).alpha_ in (0.1, 10.0)
+    True
+    """
+
+    _parameter_constraints: dict = {
+        **{k: v for k, v in LayerVariationalClassifier._parameter_constraints.items()
+           if k not in ("alpha", "loss", "max_iter", "tol")},
+        "alphas": ["array-like"],
+        "cv": ["cv_object"],
+    }  # fmt: skip
+
+    def __init__(
+        self,
+        extractor=None,
+        head=None,
+        *,
+        alphas=(0.1, 1.0, 10.0),
+        cv=None,
+        encoding="onehot",
+        margin="auto",
+        fit_intercept="auto",
+        batch_size=256,
+        device="auto",
+        verbose=0,
+        cache="auto",
+    ):
+        self.extractor = extractor
+        self.head = head
+        self.alphas = alphas
+        self.cv = cv
+        self.encoding = encoding
+        self.margin = margin
+        self.fit_intercept = fit_intercept
+        self.batch_size = batch_size
+        self.device = device
+        self.verbose = verbose
+        self.cache = cache
+
+    loss = "squared"  # what the parent's methods read
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None, groups=None):
+        """Choose alpha by cross-validation and fit the update on all data with it.
+
+        Parameters
+        ----------
+        X : array-like or torch.Tensor of shape (n_samples, *input_shape)
+            Inputs of the extractor, or features (n_samples, d) when ``extractor=None``.
+        y : array-like of shape (n_samples,)
+            Class labels.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Non-negative weights, of the squared errors and of the held-out accuracies.
+        groups : array-like of shape (n_samples,), default=None
+            Group labels for a group splitter.
+
+        Returns
+        -------
+        self : object
+            Fitted estimator.
+        """
+        from ._cv import check_alphas
+
+        alphas = check_alphas(self.alphas, self.cv)
+        classes, onehot = self._encode_onehot(y)
+        yidx = onehot.argmax(axis=1)
+        p = self._start(X, onehot, sample_weight)
+        spec = p.spec
+        Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
+        L0 = Z @ spec.W0.T + spec.b0
+        Q = self._target_logits(L0, yidx, s, pretrained=spec.prior.W0 is not None) - L0
+        rtol = spec.rtol(len(Z))
+        hits = np.zeros((len(alphas), len(Z)))
+        if self.cv is None:
+            for j, Q_loo in _solvers.loo_path(Z, Q, s, alphas, spec.fit_intercept, rtol):
+                hits[j] = (Q_loo + L0).argmax(axis=1) == yidx
+        else:
+            folds = list(self._splitter(yidx).split(Z, yidx, groups))
+            for f, j, Q_pred in _solvers.kfold_path(Z, Q, s, folds, alphas, spec.fit_intercept, rtol):
+                test = folds[f][1]
+                hits[j, test] = (Q_pred + L0[test]).argmax(axis=1) == yidx[test]
+        mean = hits @ s / s.sum()
+        best = int(np.argmax(mean))
+        self.alpha_, self.best_score_ = float(alphas[best]), float(mean[best])
+        self.cv_results_ = {
+            "param_alpha": alphas.copy(),
+            "mean_test_score": mean,
+            "rank_test_score": rankdata(-mean, method="min").astype(np.int32),
+        }
+        solution = _solvers.solve(
+            self.alpha_, spec.fit_intercept, Z.shape, spec.feature_eps, design=(Z, Q, s)
+        )
+        self.n_iter_ = 1
+        self._store(spec, p.X, p.net, p.digest, solution)
+        self.classes_ = classes
+        return self
+
+    def _splitter(self, yidx):
+        """An int cv: stratified folds, or shuffled K-fold when a class has fewer samples
+        than folds (a splitter is used as given)."""
+        if not isinstance(self.cv, Integral):
+            return check_cv(self.cv)
+        counts = np.bincount(yidx)
+        rare = counts[counts > 0].min() < self.cv
+        return KFold(self.cv, shuffle=True, random_state=0) if rare else StratifiedKFold(self.cv)

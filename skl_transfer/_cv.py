@@ -16,7 +16,6 @@ from sklearn.utils._param_validation import StrOptions
 from . import _solvers
 from ._base import AdapterRegressorMixin, BaseAdapter, RidgeUpdateMixin, _is_float32
 from ._features import cached_extractor, gather_features, head_outputs
-from ._heads import as_prior
 
 
 class _FixedPredictions(RegressorMixin, BaseEstimator):
@@ -39,6 +38,22 @@ def _as_y(Y, spec):
     """Rows of targets or predictions as scorers see them: 1-D for a 1-D y, else 2-D (a conv
     head's outputs flattened per sample: sklearn's metrics take at most 2-D targets)."""
     return Y[:, 0] if spec.y_ndim == 1 else Y
+
+
+def check_alphas(alphas, cv):
+    """``alphas`` as a float64 array; errors for an empty, non-finite or negative list, and for
+    alpha = 0 with leave-one-out (``cv=None``)."""
+    given, alphas = alphas, np.asarray(alphas, dtype=np.float64)
+    if alphas.ndim != 1 or alphas.size == 0 or not np.isfinite(alphas).all():
+        raise ValueError(f"alphas must be a non-empty 1-D list of finite floats, got {given!r}.")
+    if (alphas < 0).any():
+        raise ValueError(f"alphas must be >= 0, got {alphas.min():g}; the penalty cannot be negative.")
+    if cv is None and (alphas == 0).any():
+        raise ValueError(
+            "alpha = 0 is not allowed with cv=None: leave-one-out needs a penalty when the "
+            "features can fit every training point. Use alphas > 0, or cv=5 to include 0."
+        )
+    return alphas
 
 
 def _accepts_sample_weight(scorer):
@@ -186,17 +201,7 @@ class LayerVariationalAdapterCV(RidgeUpdateMixin, AdapterRegressorMixin, BaseAda
         self.cache = cache
 
     def _check_alphas(self):
-        alphas = np.asarray(self.alphas, dtype=np.float64)
-        if alphas.ndim != 1 or alphas.size == 0 or not np.isfinite(alphas).all():
-            raise ValueError(f"alphas must be a non-empty 1-D list of finite floats, got {self.alphas!r}.")
-        if (alphas < 0).any():
-            raise ValueError(f"alphas must be >= 0, got {alphas.min():g}; the penalty cannot be negative.")
-        if self.cv is None and (alphas == 0).any():
-            raise ValueError(
-                "alpha = 0 is not allowed with cv=None: leave-one-out needs a penalty when the "
-                "features can fit every training point. Use alphas > 0, or cv=5 to include 0."
-            )
-        return alphas
+        return check_alphas(self.alphas, self.cv)
 
     _supports_conv = True
 
@@ -225,7 +230,7 @@ class LayerVariationalAdapterCV(RidgeUpdateMixin, AdapterRegressorMixin, BaseAda
         self._ridge_dtype = (
             np.float32 if self.extractor is None and self.head is None and _is_float32(X) else None
         )
-        conv = as_prior(self.head).geometry.is_conv
+        conv = self._prior().geometry.is_conv
         if conv and self.cv is None:
             raise ValueError(
                 "Leave-one-out (cv=None) is not available for a convolutional head, whose samples "

@@ -765,6 +765,56 @@ def _newton_step(H, G, alpha, fit_intercept, d, rtol):
     return -solve_gram(H, G.reshape(-1, 1), 0.0, rtol).reshape(k, e)
 
 
+DENSE_HESSIAN_BYTES = 256 << 20  # larger multinomial Hessians are never formed (Newton-CG)
+
+
+def _newton_cg_step(X, P, s, G, penalty, intercept, alpha):
+    """``-pinv(H) G`` by conjugate gradients on Hessian-vector products, never forming ``H``.
+
+    For a direction ``V`` (k, e) with logit changes ``L = X V^T``,
+    ``H V = (s * (P * L - P * rowsum(P * L)))^T X + penalty * V``: memory O(n k + k e).
+    ``H`` is positive semi-definite; its null directions are the common shifts that the
+    softmax ignores: of the intercepts (column ``intercept``) when ``alpha > 0``, of whole
+    rows of ``V`` when ``alpha = 0``. ``G`` is orthogonal to them, and every direction is
+    projected off them (rounding would let the iterates drift along them), so the iteration
+    converges to the minimum-norm solution, as the dense pseudo-inverse does.
+    """
+    k, e = G.shape
+
+    def off_null(v):
+        V = v.reshape(k, e)
+        if alpha == 0:
+            V -= V.mean(axis=0, keepdims=True)
+        elif intercept is not None:
+            V[:, intercept] -= V[:, intercept].mean()
+        return v
+
+    def hess(v):
+        V = v.reshape(k, e)
+        PL = P * (X @ V.T)
+        return (((PL - P * PL.sum(axis=1, keepdims=True)) * s[:, None]).T @ X + penalty * V).ravel()
+
+    g = off_null(-G.ravel())
+    x = np.zeros_like(g)
+    r = g.copy()
+    p = r.copy()
+    rr = float(r @ r)
+    stop = (1e-10 * np.sqrt(rr)) ** 2
+    for _ in range(10 * k * e):
+        if rr <= stop:
+            break
+        Hp = hess(p)
+        curv = float(p @ Hp)
+        if curv <= 0:  # a null direction of H: the solution has no part along it
+            break
+        a = rr / curv
+        x += a * p
+        r = off_null(r - a * Hp)
+        rr, rr_old = float(r @ r), rr
+        p = r + (rr / rr_old) * p
+    return off_null(x).reshape(k, e)
+
+
 def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, tol=1e-8, rtol=None):
     """Penalised multinomial logistic regression by Newton's method, started at the prior.
 
@@ -772,7 +822,9 @@ def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, to
     when the intercept is fitted), class probabilities ``p_i`` and ``A_i = diag(p_i) - p_i p_i^T``,
     the Hessian is ``sum_i s_i A_i (x) x_i x_i^T + 2 alpha I`` (on W only) and each step solves
     it in closed form (pseudo-inverse: the softmax is invariant to a common shift of the
-    logits, so the bias block is singular). A step moves no logit by more than
+    logits, so the bias block is singular) where it fits in :data:`DENSE_HESSIAN_BYTES`, else
+    by conjugate gradients on Hessian-vector products (:func:`_newton_cg_step`, O(n k + k e)
+    memory). A step moves no logit by more than
     ``MAX_LOGIT_STEP`` and is halved until the objective decreases enough (Armijo); a point
     that does not decrease the objective is never accepted. Stops, converged, when a step
     changes no parameter by more than ``tol * (1 + max |parameter|)``.
@@ -799,16 +851,19 @@ def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, to
         W, b = split(theta)
         P = _softmax(Z @ W.T + b)
         G = ((P - Y) * s[:, None]).T @ X + 2 * alpha * pen * (theta - np.hstack([W0, b0[:, None]])[:, :e])
-        H = np.empty((k, e, k, e))
-        for a in range(k):
-            for c in range(a, k):
-                w = s * (P[:, a] * ((a == c) - P[:, c]))
-                block = (X * w[:, None]).T @ X
-                H[a, :, c, :] = block
-                H[c, :, a, :] = block.T
-        H = H.reshape(k * e, k * e)
-        H[np.diag_indices_from(H)] += 2 * alpha * pen.ravel()
-        step = _newton_step(H, G, alpha, fit_intercept, d, rtol)
+        if (k * e) ** 2 * 8 <= DENSE_HESSIAN_BYTES:
+            H = np.empty((k, e, k, e))
+            for a in range(k):
+                for c in range(a, k):
+                    w = s * (P[:, a] * ((a == c) - P[:, c]))
+                    block = (X * w[:, None]).T @ X
+                    H[a, :, c, :] = block
+                    H[c, :, a, :] = block.T
+            H = H.reshape(k * e, k * e)
+            H[np.diag_indices_from(H)] += 2 * alpha * pen.ravel()
+            step = _newton_step(H, G, alpha, fit_intercept, d, rtol)
+        else:  # the k e x k e Hessian would not fit: conjugate gradients on its products
+            step = _newton_cg_step(X, P, s, G, 2 * alpha * pen, d if fit_intercept else None, alpha)
         # Saturated probabilities make the Hessian nearly singular and the full step huge:
         # cap the step so that no logit moves by more than MAX_LOGIT_STEP, then backtrack
         # (Armijo) without ever accepting a worse point.

@@ -366,6 +366,7 @@ def _counting():
         ("y_cols", ValueError, "head has 1 outputs but y has 3"),
         ("alpha", ValueError, "alpha"),
         ("head_type", TypeError, "head"),
+        ("head_name", ValueError, r"head='linear' is not a submodule of CountingModule.*inner\.4"),
         ("head_module", TypeError, "ConvTranspose1d is not supported"),
         ("sw_negative", ValueError, "Negative values in sample_weight"),
         ("sw_length", ValueError, r"sample_weight.shape == \(5,\), expected \(20,\)"),
@@ -401,6 +402,8 @@ def test_bad_input_raises_before_any_forward_pass(case, exc, match):
     elif case == "alpha":
         kwargs["alpha"] = -1.0
     elif case == "head_type":
+        head = 3.5  # strings name a layer of the extractor (head_name)
+    elif case == "head_name":
         head = "linear"
     elif case == "head_module":
         head = nn.ConvTranspose1d(16, 1, 3)

@@ -12,7 +12,7 @@ from sklearn.linear_model import LogisticRegression, Ridge
 from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from skl_transfer import LayerVariationalClassifier
+from skl_transfer import LayerVariationalClassifier, _solvers
 
 
 def _data(n=150, k=3, seed=0):
@@ -27,7 +27,16 @@ def test_sklearn_compatible(estimator, check):
     check(estimator)
 
 
-def test_log_loss_without_head_equals_logistic_regression():
+@pytest.fixture(params=["dense", "hessian-free"])
+def hessian(request, monkeypatch):
+    """Both Newton paths: the dense k(d+1) Hessian, and conjugate gradients on its products
+    (the path of heads too large for it, forced here by a zero size bound)."""
+    if request.param == "hessian-free":
+        monkeypatch.setattr(_solvers, "DENSE_HESSIAN_BYTES", 0)
+    return request.param
+
+
+def test_log_loss_without_head_equals_logistic_regression(hessian):
     X, y = _data(300)
     alpha = 2.0
     est = LayerVariationalClassifier(loss="log", alpha=alpha, tol=1e-12, max_iter=50).fit(X, y)
@@ -37,7 +46,7 @@ def test_log_loss_without_head_equals_logistic_regression():
     assert 1 <= est.n_iter_ < 50
 
 
-def test_log_loss_with_pretrained_head_equals_direct_minimisation():
+def test_log_loss_with_pretrained_head_equals_direct_minimisation(hessian):
     body, head = make_body(), make_head(n_out=3)
     X, y = _data(120)
     sw = np.random.default_rng(2).uniform(0.5, 2.0, 120)

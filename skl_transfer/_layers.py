@@ -1,0 +1,155 @@
+"""A named layer of a whole model: its input as the features, the model with it replaced.
+
+``head="fc"`` (a dotted path, as ``model.get_submodule`` takes) adapts that layer of the model
+given as ``extractor``. The estimator's private copy of the model is wrapped in
+:class:`LayerInput`, whose forward runs the model until the layer is reached and returns the
+layer's input: nothing after it is computed, whatever the model returns (a tensor, tuple,
+dict or ``ModelOutput``) and whatever it does before (reshapes, permutes) or after
+(post-processing). :func:`replace_layer` puts the adapted layer back into a copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ._torch import as_device_arrays
+
+_ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def named_layer(model, name):
+    """The submodule ``name`` of ``model``; errors name the candidates."""
+    if model is None:
+        raise ValueError(
+            f"head={name!r} names a layer of the extractor, but extractor is None; pass the whole "
+            "model as extractor (e.g. LayerVariationalAdapter(model, head='fc'))."
+        )
+    if not name:
+        raise ValueError(
+            "head='' names no layer; pass a dotted submodule path such as 'fc' or 'classifier.3'."
+        )
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        layer = None
+    if not isinstance(layer, nn.Module):
+        names = [n for n, m in model.named_modules() if isinstance(m, _ADAPTABLE)]
+        raise ValueError(
+            f"head={name!r} is not a submodule of {type(model).__name__}; the Linear/Conv layers "
+            f"it has are {names[-8:]} (the last ones shown), named as model.get_submodule takes."
+        )
+    return layer
+
+
+class _Reached(BaseException):  # noqa: N818 - not an error: ends a forward pass early
+    """Raised by the pre-hook when the layer is reached (a BaseException, so that a model's
+    own ``except Exception`` does not swallow it)."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+
+def _layer_input(args, kwargs):
+    if args:
+        return args[0]
+    if len(kwargs) == 1:
+        return next(iter(kwargs.values()))
+    raise TypeError("the named layer was called without one input tensor")
+
+
+class LayerInput(nn.Module):
+    """The input of ``model``'s layer ``name`` for a batch: the model's forward up to the
+    layer's first call, no further."""
+
+    def __init__(self, model, name):
+        super().__init__()
+        self.model = model
+        self.name = name
+
+    def forward(self, x):
+        def stop(module, args, kwargs):
+            raise _Reached(_layer_input(args, kwargs))
+
+        handle = self.model.get_submodule(self.name).register_forward_pre_hook(stop, with_kwargs=True)
+        try:
+            self.model(x)
+        except _Reached as reached:
+            return reached.value
+        finally:
+            handle.remove()
+        raise ValueError(
+            f"{type(self.model).__name__}.forward never called the layer {self.name!r}; name a layer "
+            "that forward applies to every sample."
+        )
+
+
+def count_calls(model, name, x):
+    """How many times ``model``'s forward calls its layer ``name`` on the batch ``x``."""
+    calls = []
+    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def check_called_once(model, name, x):
+    """Raise a clear error unless ``model``'s forward calls the layer ``name`` exactly once."""
+    n = count_calls(model, name, x)
+    if n == 1:
+        return
+    if n == 0:
+        raise ValueError(
+            f"{type(model).__name__}.forward never calls the layer {name!r} (on the first sample of "
+            "X); name a layer that forward applies to every sample."
+        )
+    raise ValueError(
+        f"{type(model).__name__}.forward calls the layer {name!r} {n} times per batch (its weights are "
+        "shared between calls); the update is for a layer applied once. Name a layer called once, "
+        "or split the model by hand into an extractor and a head."
+    )
+
+
+def export_state(model):
+    """What :func:`replace_layer` restores on the exported copy: the device, every module's
+    training flag and every parameter's ``requires_grad``, as the user's model had them."""
+    params = list(model.parameters())
+    device = params[0].device if params else torch.device("cpu")
+    return (
+        device,
+        {n: m.training for n, m in model.named_modules()},
+        {n: p.requires_grad for n, p in model.named_parameters()},
+    )
+
+
+def replace_layer(model, name, coef, intercept, state):
+    """A deep copy of ``model`` whose layer ``name`` holds ``coef`` (shaped as its weight) and
+    ``intercept`` (None: no bias), with the original layer's class and dtype, and the device,
+    training flags and ``requires_grad`` of ``state`` (:func:`export_state`)."""
+    model = copy.deepcopy(model)
+    layer = model.get_submodule(name)
+    (weight,) = as_device_arrays(layer.weight.device, coef, dtype=layer.weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight.reshape(layer.weight.shape))
+        if intercept is None:
+            if layer.bias is not None:
+                layer.bias.zero_()
+        else:
+            (bias,) = as_device_arrays(layer.weight.device, intercept, dtype=layer.weight.dtype)
+            if layer.bias is None:
+                layer.bias = nn.Parameter(bias)
+            else:
+                layer.bias.copy_(bias)
+    device, training, grads = state
+    model.to(device)
+    for n, m in model.named_modules():
+        m.training = training.get(n, m.training)
+    for n, p in model.named_parameters():
+        p.requires_grad_(grads.get(n, p.requires_grad))
+    return model
