@@ -39,7 +39,9 @@ def test_scores_equal_brute_force(cv, encoding):
     Z, y, head = _data()
     s = np.random.default_rng(3).uniform(0.5, 2.0, len(y))
     n = len(y)
-    splits = [(np.delete(np.arange(n), i), np.array([i])) for i in range(n)] if cv is None else list(cv.split(Z))
+    splits = (
+        [(np.delete(np.arange(n), i), np.array([i])) for i in range(n)] if cv is None else list(cv.split(Z))
+    )
     # a fixed margin: the targets of a sample do not depend on the others (margin="auto" does)
     kw = dict(encoding=encoding, margin=2.0)
     est = LayerVariationalClassifierCV(None, head, alphas=ALPHAS, cv=cv, **kw).fit(Z, y, sample_weight=s)
