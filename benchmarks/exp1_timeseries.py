@@ -98,8 +98,9 @@ def run_method(name, body, head, seed, X, y):
         )
         return (lambda X: net.predict(features(X))), seconds, {}
     make = {"LVA": lva, "LVA-CV": lva_cv, "GD": gd, "GD-tuned": gd_tuned}[name]
-    # LVA is cheap: the median of 3 timed fits after a warm-up fit; GD is timed once
-    repeats, warmup = (3, 1) if name.startswith("LVA") else (1, 0)
+    # LVA is cheap: the median of 5 timed fits after a warm-up fit (robust to a stall of a busy
+    # machine); GD is timed once
+    repeats, warmup = (5, 1) if name.startswith("LVA") else (1, 0)
     seconds, est = median_time(lambda: make(body, head, seed).fit(X, y), repeats, warmup)
     extra = {}
     if name == "LVA-CV":

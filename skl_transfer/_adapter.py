@@ -77,8 +77,8 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
     by forward-mode autodiff (``torch.func.jvp`` of the frozen extractor at ``x`` along
     ``dx``, batch by batch, never finite differences). The update is regressed, as in the
     paper and its authors' code, on the target features ``Z = F(X~)``: the features the
-    adapted head sees on the target domain. For an affine extractor ``F(x~) = F(x) + J_F dx``
-    and the two methods give the same update.
+    adapted head sees on the target domain. If the extractor is affine,
+    ``F(x~) = F(x) + J_F dx`` exactly, and the two methods give the same update.
 
     Parameters
     ----------

@@ -175,7 +175,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         Penalty on ``||W - W0||_F^2``, >= 0.
     loss : {"squared", "log"}, default="squared"
         "squared": the closed-form update toward target logits; "log": the multinomial log
-        loss, by Newton steps (see above); a Hessian larger than 256 MiB is never formed (its
+        loss, by Newton steps (see above); a Hessian larger than 32 MiB is never formed (its
         steps are solved by conjugate gradients on Hessian-vector products).
     encoding : {"onehot", "margin"}, default="onehot"
         Target logits of the squared loss (see above).

@@ -765,7 +765,7 @@ def _newton_step(H, G, alpha, fit_intercept, d, rtol):
     return -solve_gram(H, G.reshape(-1, 1), 0.0, rtol).reshape(k, e)
 
 
-DENSE_HESSIAN_BYTES = 256 << 20  # larger multinomial Hessians are never formed (Newton-CG)
+DENSE_HESSIAN_BYTES = 32 << 20  # larger multinomial Hessians are never formed (Newton-CG)
 
 
 def _newton_cg_step(X, P, s, G, penalty, intercept, alpha):

@@ -119,3 +119,13 @@ def test_exp3_quick_runs_and_lva_fits_in_memory(bench, capsys, tmp_path):
     # the held-out PSNR is finite for every method, and the LVA fit's patches are never all held
     assert all(abs(s["mean"]) < 100 for s in table.values())
     assert mem["grown_mib"] < 1024
+
+
+def test_log_loss_quick_runs_both_newton_paths_in_little_memory(bench, tmp_path):
+    rows = bench("bench_log_loss").main(["--quick"])
+    assert (tmp_path / "bench_log_loss_quick.csv").exists()
+    small, large = rows
+    assert small["dense_hessian_mib"] < 32 < large["dense_hessian_mib"]  # dense, then Hessian-free
+    for r in rows:  # the adapted head fits its data better than the pretrained one
+        assert r["adapted_accuracy"] > r["pretrained_accuracy"]
+    assert large["peak_mib"] < 0.2 * large["dense_hessian_mib"]
