@@ -57,6 +57,20 @@ class LogitsClassifierMixin:
             )
         return np.arange(k), y.astype(np.int64)
 
+    _link = "softmax"  # how the head's logits are read: "softmax" (one class) or "sigmoid"
+
+    def _encode_indicator(self, y):
+        """A multi-label indicator matrix (n, k) of 0/1 against the head's k outputs."""
+        Y = np.asarray(to_numpy(y))
+        prior = self._prior()
+        k = Y.shape[1] if prior.W0 is None else prior.W0.shape[0]
+        if Y.shape[1] != k or not np.isin(Y, (0, 1)).all():
+            raise ValueError(
+                f"A 2-D y is a multi-label indicator matrix of 0/1 with one column per output of the "
+                f"head ({k}); got shape {Y.shape}. Pass 1-D labels for one class per sample."
+            )
+        return np.arange(k), Y.astype(np.float64)
+
     def _encode_onehot(self, y):
         if y is None:
             raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
@@ -96,7 +110,8 @@ class LogitsClassifierMixin:
             Probability of each class, in the order of ``classes_``.
         """
         check_is_fitted(self)
-        return _solvers._softmax(BaseAdapter.predict(self, X))
+        L = BaseAdapter.predict(self, X)
+        return 1.0 / (1.0 + np.exp(-L)) if self._link == "sigmoid" else _solvers._softmax(L)
 
     def predict_log_proba(self, X):
         """Return the logarithm of the class probabilities.
@@ -127,7 +142,10 @@ class LogitsClassifierMixin:
             Predicted labels, from ``classes_``.
         """
         check_is_fitted(self)
-        return self.classes_[np.argmax(BaseAdapter.predict(self, X), axis=1)]
+        L = BaseAdapter.predict(self, X)
+        if getattr(self, "multilabel_", False):
+            return (L > 0).astype(np.int64)  # each label whose sigmoid exceeds 1/2
+        return self.classes_[np.argmax(L, axis=1)]
 
 
 class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAdapter):
@@ -177,6 +195,14 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         "squared": the closed-form update toward target logits; "log": the multinomial log
         loss, by Newton steps (see above); a Hessian larger than 32 MiB is never formed (its
         steps are solved by conjugate gradients on Hessian-vector products).
+    link : {"softmax", "sigmoid"}, default="softmax"
+        How the head's logits are read. "softmax": one class per sample. "sigmoid": each
+        output on its own (multi-label heads, or per-bin confidences such as CREPE's); ``y``
+        may then be a (n_samples, k) 0/1 indicator matrix (several labels per sample), and
+        the squared loss's target for an output is its pretrained logit where that is
+        already on the right side by ``margin`` (calibration survives), else ``+margin`` for
+        a label and ``-margin`` for a non-label (``margin="auto"``: ``log 9``, a sigmoid of
+        0.9; ``encoding`` is not used). ``predict_proba`` is then the sigmoid of each logit.
     encoding : {"onehot", "margin"}, default="onehot"
         Target logits of the squared loss (see above).
     margin : float or "auto", default="auto"
@@ -204,6 +230,9 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
     ----------
     classes_ : ndarray of shape (k,)
         ``0 .. k-1`` with a head; the sorted labels seen in fit without one.
+    multilabel_ : bool
+        Whether ``y`` was an indicator matrix (``link="sigmoid"``): ``predict`` then returns
+        one 0/1 column per output.
     coef_ : ndarray of shape (k, d)
         Adapted logit weights (torch Linear layout, also for two classes).
     intercept_ : ndarray of shape (k,)
@@ -259,6 +288,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         "margin": [Interval(Real, 0, None, closed="neither"), StrOptions({"auto"})],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
+        "link": [StrOptions({"softmax", "sigmoid"})],
     }
 
     def __init__(
@@ -268,6 +298,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         *,
         alpha=1.0,
         loss="squared",
+        link="softmax",
         encoding="onehot",
         margin="auto",
         max_iter=20,
@@ -282,6 +313,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         self.head = head
         self.alpha = alpha
         self.loss = loss
+        self.link = link
         self.encoding = encoding
         self.margin = margin
         self.max_iter = max_iter
@@ -300,8 +332,9 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         ----------
         X : array-like or torch.Tensor of shape (n_samples, *input_shape)
             Inputs of the extractor (features when ``extractor=None``).
-        y : array-like of shape (n_samples,)
-            Class labels (``0 .. k-1`` with a head).
+        y : array-like of shape (n_samples,) or (n_samples, k)
+            Class labels (``0 .. k-1`` with a head); with ``link="sigmoid"``, also a 0/1
+            indicator matrix of several labels per sample.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights of the samples' losses.
 
@@ -310,14 +343,20 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         self : object
             Fitted estimator.
         """
-        classes, onehot = self._encode_onehot(y)
+        if self.link == "sigmoid" and self.loss == "log":
+            raise ValueError(
+                "loss='log' is the multinomial (softmax) log loss; for a head read through sigmoids "
+                "use loss='squared' with link='sigmoid'."
+            )
+        multilabel = self.link == "sigmoid" and np.ndim(to_numpy(y)) == 2
+        classes, onehot = self._encode_indicator(y) if multilabel else self._encode_onehot(y)
         yidx = onehot.argmax(axis=1)
         n, k = onehot.shape
         p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
         spec = p.spec
         Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
         L0 = Z @ spec.W0.T + spec.b0
-        T = self._target_logits(L0, yidx, s, pretrained=spec.prior.W0 is not None)
+        T = self._target_logits(L0, onehot, s, pretrained=spec.prior.W0 is not None)
         Q = T - L0
         t0 = time.perf_counter()
         if self.loss == "squared":
@@ -346,13 +385,27 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         )
         self._store(spec, p.X, p.net, p.digest, solution)
         self.classes_ = classes
+        self.multilabel_ = multilabel
         return self
 
-    def _target_logits(self, L0, yidx, s, pretrained):
-        """Target logits of the squared loss (see the class docstring)."""
+    @property
+    def _link(self):
+        return self.link
+
+    def _target_logits(self, L0, onehot, s, pretrained):
+        """Target logits of the squared loss (see the class docstring); ``onehot`` (n, k) holds
+        each sample's label (several with a sigmoid link and a multi-label ``y``)."""
         n, k = L0.shape
+        if self._link == "sigmoid":
+            # each output on its own: a label's logit at least +margin, a non-label's at most
+            # -margin; logits already on the right side by the margin are kept (the pretrained
+            # scale, so that confidences stay calibrated where the head was right)
+            margin = np.log(9.0) if self.margin == "auto" else float(self.margin)
+            if not pretrained:
+                return margin * (2.0 * onehot - 1.0)
+            return np.where(onehot > 0, np.maximum(L0, margin), np.minimum(L0, -margin))
+        yidx = onehot.argmax(axis=1)
         floor = np.log(9.0 * max(k - 1, 1))
-        onehot = np.eye(k)[yidx]
         if self.encoding == "onehot":
             margin = self.margin
             if margin == "auto":
@@ -474,7 +527,7 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         self.verbose = verbose
         self.cache = cache
 
-    loss = "squared"  # what the parent's methods read
+    loss, link = "squared", "softmax"  # what the parent's methods read
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None, groups=None):
@@ -505,7 +558,7 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         spec = p.spec
         Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
         L0 = Z @ spec.W0.T + spec.b0
-        Q = self._target_logits(L0, yidx, s, pretrained=spec.prior.W0 is not None) - L0
+        Q = self._target_logits(L0, onehot, s, pretrained=spec.prior.W0 is not None) - L0
         rtol = spec.rtol(len(Z))
         hits = np.zeros((len(alphas), len(Z)))
         if self.cv is None:
