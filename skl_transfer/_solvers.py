@@ -768,7 +768,7 @@ def _newton_step(H, G, alpha, fit_intercept, d, rtol):
 DENSE_HESSIAN_BYTES = 32 << 20  # larger multinomial Hessians are never formed (Newton-CG)
 
 
-def _newton_cg_step(X, P, s, G, penalty, intercept, alpha):
+def _newton_cg_step(X, P, s, G, penalty, intercept, alpha, forcing=1e-10):
     """``-pinv(H) G`` by conjugate gradients on Hessian-vector products, never forming ``H``.
 
     For a direction ``V`` (k, e) with logit changes ``L = X V^T``,
@@ -777,7 +777,10 @@ def _newton_cg_step(X, P, s, G, penalty, intercept, alpha):
     softmax ignores: of the intercepts (column ``intercept``) when ``alpha > 0``, of whole
     rows of ``V`` when ``alpha = 0``. ``G`` is orthogonal to them, and every direction is
     projected off them (rounding would let the iterates drift along them), so the iteration
-    converges to the minimum-norm solution, as the dense pseudo-inverse does.
+    converges to the minimum-norm solution, as the dense pseudo-inverse does. It stops when
+    the residual is below ``forcing`` times the gradient (an inexact Newton step: Dembo,
+    Eisenstat and Steihaug's forcing term, which shrinks with the gradient, keeps the
+    outer iteration superlinear).
     """
     k, e = G.shape
 
@@ -799,7 +802,7 @@ def _newton_cg_step(X, P, s, G, penalty, intercept, alpha):
     r = g.copy()
     p = r.copy()
     rr = float(r @ r)
-    stop = (1e-10 * np.sqrt(rr)) ** 2
+    stop = (forcing * np.sqrt(rr)) ** 2
     for _ in range(10 * k * e):
         if rr <= stop:
             break
@@ -845,7 +848,7 @@ def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, to
         return (t[:, :d], t[:, d]) if fit_intercept else (t, b0)
 
     obj = log_loss_objective(Z, yidx, s, *split(theta), W0, alpha)
-    converged, n_iter = False, 0
+    converged, n_iter, g_first = False, 0, None
     while n_iter < max_iter:
         n_iter += 1
         W, b = split(theta)
@@ -863,7 +866,10 @@ def multinomial_newton(Z, yidx, s, W0, b0, alpha, fit_intercept, max_iter=20, to
             H[np.diag_indices_from(H)] += 2 * alpha * pen.ravel()
             step = _newton_step(H, G, alpha, fit_intercept, d, rtol)
         else:  # the k e x k e Hessian would not fit: conjugate gradients on its products
-            step = _newton_cg_step(X, P, s, G, 2 * alpha * pen, d if fit_intercept else None, alpha)
+            g_norm = float(np.linalg.norm(G))
+            g_first = g_first or g_norm
+            forcing = min(0.1, np.sqrt(g_norm / g_first)) if g_first > 0 else 0.1
+            step = _newton_cg_step(X, P, s, G, 2 * alpha * pen, d if fit_intercept else None, alpha, forcing)
         # Saturated probabilities make the Hessian nearly singular and the full step huge:
         # cap the step so that no logit moves by more than MAX_LOGIT_STEP, then backtrack
         # (Armijo) without ever accepting a worse point.
