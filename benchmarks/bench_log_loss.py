@@ -5,7 +5,8 @@ The multinomial Hessian of a ``k``-class head on ``d`` features has ``(k (d + 1)
 d = 2048. Where it would exceed 32 MiB each Newton step is solved by conjugate gradients on
 Hessian-vector products instead (memory O(k d + n k)). Per configuration, one fit on
 synthetic features (a perturbed pretrained head relabels them, so the prior is close but
-wrong): fit seconds, Newton steps, the peak of numpy/Python allocations during the fit
+wrong; every class has samples, since the unpenalised bias of a class without any falls
+without bound): fit seconds, Newton steps, the peak of numpy/Python allocations during the fit
 (``tracemalloc``), the dense Hessian's size for comparison, and training accuracy before
 and after.
 
@@ -36,6 +37,8 @@ def measure(k, d, n, seed=0):
     Z = rng.normal(size=(n, d)) / np.sqrt(d)
     W_true = rng.normal(size=(k, d)) * 3.0
     y = (Z @ W_true.T + rng.gumbel(size=(n, k))).argmax(axis=1)
+    # every class present: the bias is not penalised, so an absent class's would fall forever
+    y[rng.choice(n, k, replace=False)] = np.arange(k)
     W0 = W_true + rng.normal(size=(k, d)) * 2.0  # the pretrained head: close, but wrong
     b0 = np.zeros(k)
     clf = LayerVariationalClassifier(None, (W0, b0), loss="log", alpha=1.0, max_iter=30, tol=1e-6)
