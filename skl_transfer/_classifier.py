@@ -450,6 +450,9 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         Candidate penalties (> 0 for leave-one-out).
     cv : int, cross-validation generator, iterable or None, default=None
         None: exact leave-one-out; an int: that many folds; or a splitter.
+    link : {"softmax", "sigmoid"}, default="softmax"
+        How the head's logits are read, as in :class:`LayerVariationalClassifier` (one
+        label per sample here: ``y`` is 1-D).
     encoding : {"onehot", "margin"}, default="onehot"
         Target logits, as in :class:`LayerVariationalClassifier`.
     margin : float or "auto", default="auto"
@@ -507,6 +510,7 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         *,
         alphas=(0.1, 1.0, 10.0),
         cv=None,
+        link="softmax",
         encoding="onehot",
         margin="auto",
         fit_intercept="auto",
@@ -519,6 +523,7 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         self.head = head
         self.alphas = alphas
         self.cv = cv
+        self.link = link
         self.encoding = encoding
         self.margin = margin
         self.fit_intercept = fit_intercept
@@ -527,7 +532,7 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         self.verbose = verbose
         self.cache = cache
 
-    loss, link = "squared", "softmax"  # what the parent's methods read
+    loss = "squared"  # what the parent's methods read
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None, groups=None):
@@ -583,6 +588,7 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         self.n_iter_ = 1
         self._store(spec, p.X, p.net, p.digest, solution)
         self.classes_ = classes
+        self.multilabel_ = False
         return self
 
     def _splitter(self, yidx):

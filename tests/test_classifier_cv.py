@@ -34,8 +34,10 @@ def _brute(Z, y, head, s, splits, **kw):
 
 
 @pytest.mark.parametrize("cv", [None, KFold(5, shuffle=True, random_state=1)])
-@pytest.mark.parametrize("encoding", ["onehot", "margin"])
-def test_scores_equal_brute_force(cv, encoding):
+@pytest.mark.parametrize(
+    "encoding, link", [("onehot", "softmax"), ("margin", "softmax"), ("onehot", "sigmoid")]
+)
+def test_scores_equal_brute_force(cv, encoding, link):
     Z, y, head = _data()
     s = np.random.default_rng(3).uniform(0.5, 2.0, len(y))
     n = len(y)
@@ -43,7 +45,7 @@ def test_scores_equal_brute_force(cv, encoding):
         [(np.delete(np.arange(n), i), np.array([i])) for i in range(n)] if cv is None else list(cv.split(Z))
     )
     # a fixed margin: the targets of a sample do not depend on the others (margin="auto" does)
-    kw = dict(encoding=encoding, margin=2.0)
+    kw = dict(encoding=encoding, margin=2.0, link=link)
     est = LayerVariationalClassifierCV(None, head, alphas=ALPHAS, cv=cv, **kw).fit(Z, y, sample_weight=s)
     ref = _brute(Z, y, head, s, splits, **kw)
     assert_allclose(est.cv_results_["mean_test_score"], ref, rtol=0, atol=1e-12)
