@@ -349,16 +349,9 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
                 "use loss='squared' with link='sigmoid'."
             )
         multilabel = self.link == "sigmoid" and np.ndim(to_numpy(y)) == 2
-        classes, onehot = self._encode_indicator(y) if multilabel else self._encode_onehot(y)
-        yidx = onehot.argmax(axis=1)
-        n, k = onehot.shape
-        p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
+        classes, yidx, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight, multilabel)
         spec = p.spec
-        Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
-        L0 = Z @ spec.W0.T + spec.b0
-        T = self._target_logits(L0, onehot, s, pretrained=spec.prior.W0 is not None)
-        Q = T - L0
-        t0 = time.perf_counter()
+        (n, k), t0 = L0.shape, time.perf_counter()
         if self.loss == "squared":
             self.n_iter_ = 1  # one closed-form solve
             solution = _solvers.solve(
@@ -391,6 +384,17 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
     @property
     def _link(self):
         return self.link
+
+    def _logit_residue(self, X, y, sample_weight, multilabel=False):
+        """Encode y, run the extractor, and return ``(classes, yidx, problem, Z, s, L0, Q)``:
+        the features, weights, pretrained logits and the residue of the target logits."""
+        classes, onehot = self._encode_indicator(y) if multilabel else self._encode_onehot(y)
+        p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
+        spec = p.spec
+        Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
+        L0 = Z @ spec.W0.T + spec.b0
+        Q = self._target_logits(L0, onehot, s, pretrained=spec.prior.W0 is not None) - L0
+        return classes, onehot.argmax(axis=1), p, Z, s, L0, Q
 
     def _target_logits(self, L0, onehot, s, pretrained):
         """Target logits of the squared loss (see the class docstring); ``onehot`` (n, k) holds
@@ -557,13 +561,8 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         from ._cv import check_alphas
 
         alphas = check_alphas(self.alphas, self.cv)
-        classes, onehot = self._encode_onehot(y)
-        yidx = onehot.argmax(axis=1)
-        p = self._start(X, onehot, sample_weight)
+        classes, yidx, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight)
         spec = p.spec
-        Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
-        L0 = Z @ spec.W0.T + spec.b0
-        Q = self._target_logits(L0, onehot, s, pretrained=spec.prior.W0 is not None) - L0
         rtol = spec.rtol(len(Z))
         hits = np.zeros((len(alphas), len(Z)))
         if self.cv is None:
