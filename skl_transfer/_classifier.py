@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from . import _solvers
 from ._base import BaseAdapter
+from ._cv import check_alphas
 from ._features import gather_design
 from ._torch import to_numpy
 
@@ -558,8 +559,6 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         self : object
             Fitted estimator.
         """
-        from ._cv import check_alphas
-
         alphas = check_alphas(self.alphas, self.cv)
         classes, yidx, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight)
         spec = p.spec
