@@ -99,6 +99,8 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         after it, whatever the model returns (tensor, tuple, dict, ``ModelOutput``) or does
         before or after the layer; a layer that forward calls more than once, or never, is
         refused. ``to_module()`` then returns the whole model with that layer replaced.
+        ``"auto"`` names the last ``Linear``, ``Conv1d`` or ``Conv2d`` layer that forward
+        calls (in call order, found on the first sample of X), reported in ``head_name_``.
     alpha : float, default=1.0
         Penalty on ``||coef_ - W_0||_F^2``, used as written (not squared). Must be >= 0.
     method : {"exact", "perturb"}, default="exact"
@@ -161,6 +163,9 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         (n_samples >= d); "dual" the n x n kernel system (n_samples < d).
     extractor_ : torch.nn.Module or None
         The private frozen copy of the extractor (CPU, eval mode).
+    head_name_ : str or None
+        The dotted name of the adapted layer of the model when ``head`` is a string (the
+        layer found for ``"auto"``); None for a module, a pair or no head.
     n_samples_seen_ : int
         Number of samples the update was computed from (summed over ``partial_fit`` calls).
     input_shape_ : tuple

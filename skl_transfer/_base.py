@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
@@ -20,7 +21,15 @@ from sklearn.utils.validation import _check_feature_names, check_is_fitted, vali
 from . import _diagnostics, _fingerprint, _solvers
 from ._features import cached_extractor, feature_batches, head_outputs
 from ._heads import AdaptedNetwork, Prior, as_prior
-from ._layers import LayerInput, check_called_once, export_state, named_layer, replace_layer
+from ._layers import (
+    LayerInput,
+    check_called_once,
+    export_state,
+    is_auto,
+    last_called_layer,
+    named_layer,
+    replace_layer,
+)
 from ._moments import accumulate_moments
 from ._torch import floating_dtype, frozen_copy, input_batch, resolve_device, to_numpy
 from ._validation import check_input, check_sample_weight, check_target
@@ -177,10 +186,51 @@ class BaseAdapter(BaseEstimator):
 
     def _prior(self):
         """The pretrained head as a :class:`Prior`: ``head``, or the layer of ``extractor`` it names."""
-        head = self.head
-        if isinstance(head, str):
-            head = named_layer(self.extractor, head)
-        return as_prior(head)
+        name = self._layer_name()
+        return as_prior(self.head if name is None else named_layer(self.extractor, name))
+
+    def _layer_name(self):
+        """The dotted name of the layer of ``extractor`` that ``head`` names (for ``"auto"``, the
+        one found in this fit, inside :meth:`_head_resolved`), or None for a module, pair or None."""
+        if not isinstance(self.head, str):
+            return None
+        if not is_auto(self.head):
+            return self.head
+        resolved = self.__dict__.get("_auto_head")
+        if resolved is None:
+            raise ValueError(
+                f"head='auto' is resolved from X during fit, but {type(self).__name__} needed the "
+                "head before seeing X; pass the layer's name instead (e.g. head='fc')."
+            )
+        return resolved[0]
+
+    @contextlib.contextmanager
+    def _head_resolved(self, X):
+        """Within: ``head="auto"`` names the layer found on X's first sample.
+
+        Yields ``(name, net)``, ``net`` the frozen copy of the model that the probe ran on (which
+        :meth:`_start` uses), or None when ``head`` is not ``"auto"``. Nested uses (a fit that
+        needs the head before :meth:`_start`, e.g. to check labels) share the outermost probe;
+        nothing is kept once it ends.
+        """
+        if not is_auto(self.head) or "_auto_head" in self.__dict__:
+            yield self.__dict__.get("_auto_head")
+            return
+        if not isinstance(self.extractor, torch.nn.Module):
+            raise ValueError(
+                "head='auto' adapts the last Linear/Conv layer that the model's forward calls, so "
+                f"extractor must be the whole model (a torch.nn.Module), got {self.extractor!r}; pass "
+                "the model as extractor (e.g. LayerVariationalAdapter(model, head='auto'))."
+            )
+        X, _ = self._validate_X(X, reset=True)  # y is checked in _start, once the layer is known
+        device = resolve_device(self.device)
+        net = frozen_copy(self.extractor, device)
+        name = last_called_layer(net, input_batch(X, slice(0, 1), device, floating_dtype(net)))
+        self._auto_head = (name, net)
+        try:
+            yield self._auto_head
+        finally:
+            del self._auto_head
 
     def _resolve_fit_intercept(self, prior):
         if self.fit_intercept != "auto":
@@ -214,6 +264,13 @@ class BaseAdapter(BaseEstimator):
                 "pass the target-domain targets, shape (n_samples,) or (n_samples, k)."
             )
         self.__dict__.pop("_moments_dropped", None)  # a fit starts again
+        with self._head_resolved(X) as probed:  # head="auto": the layer found on X's first sample
+            return self._start_resolved(X, y, sample_weight, use_cache, allow_zero_weight, probed)
+
+    def _start_resolved(self, X, y, sample_weight, use_cache, allow_zero_weight, probed):
+        """:meth:`_start` once the head is known; ``probed`` is ``(name, net)`` for
+        ``head="auto"`` (the layer found, checked to be called once, and the frozen copy it was
+        found in), else None."""
         prior = self._prior()
         geometry = prior.geometry
         conv = geometry.is_conv
@@ -240,10 +297,15 @@ class BaseAdapter(BaseEstimator):
         fit_intercept = self._resolve_fit_intercept(prior)
 
         t0 = time.perf_counter()
-        net = None if self.extractor is None else frozen_copy(self.extractor, device)
-        if isinstance(self.head, str):  # a named layer: its input is the features
-            check_called_once(net, self.head, input_batch(X, slice(0, 1), device, floating_dtype(net)))
-            net = LayerInput(net, self.head)
+        if probed is not None:  # head="auto": the copy the layer was found (and checked) in
+            net = probed[1]
+        else:
+            net = None if self.extractor is None else frozen_copy(self.extractor, device)
+        name = self._layer_name()
+        if name is not None:  # a named layer: its input is the features
+            if probed is None:
+                check_called_once(net, name, input_batch(X, slice(0, 1), device, floating_dtype(net)))
+            net = LayerInput(net, name)
         cached = cached_extractor(net, X, self.cache if use_cache else False)
         batches = iter(self._features(net, X, cached=cached, use_cache=use_cache))
         first = next(batches)
@@ -328,6 +390,7 @@ class BaseAdapter(BaseEstimator):
         self._extractor_on_device = None
         # a named layer: what to_module restores on its copy of the whole model
         self._export_state = export_state(self.extractor) if isinstance(net, LayerInput) else None
+        self.head_name_ = net.name if isinstance(net, LayerInput) else None
         self._spec = spec
         # the copy's Digest, reused by predict's cache only while extractor_ still matches it
         self._weights_digest = digest

@@ -15,7 +15,7 @@ from . import _solvers
 from ._base import AdapterRegressorMixin, BaseAdapter
 from ._classifier import LogitsClassifierMixin
 from ._features import gather_features, head_outputs
-from ._torch import as_device_arrays, from_numpy, resolve_device, to_float64
+from ._torch import as_device_arrays, from_numpy, resolve_device, to_float64, to_numpy
 
 
 class _GradientDescentBase(BaseAdapter):
@@ -45,9 +45,10 @@ class _GradientDescentBase(BaseAdapter):
     extractor : torch.nn.Module or None, default=None
         Frozen body of the pretrained network, as in :class:`LayerVariationalAdapter`.
         None means X already holds the features (2-D).
-    head : torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, (coef, intercept) pair or None, default=None
+    head : torch.nn.Linear, Conv1d, Conv2d, str, (coef, intercept) pair or None, default=None
         Pretrained last layer, the starting point of gradient descent, as in
-        :class:`LayerVariationalAdapter` (None: zero weights).
+        :class:`LayerVariationalAdapter` (None: zero weights; a string names a layer of the
+        model passed as ``extractor``, or ``"auto"``).
     lr : float, default=1e-3
         Learning rate.
     epochs : int, default=100
@@ -83,6 +84,9 @@ class _GradientDescentBase(BaseAdapter):
     ----------
     coef_, intercept_, delta_coef_, delta_intercept_, fit_intercept_, residue_norm_, residual_norm_ : object
         As in :class:`LayerVariationalAdapter`.
+    head_name_ : str or None
+        The dotted name of the trained layer when ``head`` is a string, as in
+        :class:`LayerVariationalAdapter`.
     loss_curve_ : ndarray of shape (epochs,)
         Training objective (weighted mean loss plus the weight decay term) after each epoch.
         Full batch: exact, and free (epoch i's step computes it at the weights epoch i - 1
@@ -311,9 +315,11 @@ class GradientDescentClassifier(LogitsClassifierMixin, ClassifierMixin, _Gradien
     extractor : torch.nn.Module or None, default=None
         Frozen body of the pretrained network, as in :class:`LayerVariationalAdapter`.
         None means X already holds the features (2-D).
-    head : torch.nn.Linear, (coef, intercept) pair or None, default=None
+    head : torch.nn.Linear, str, (coef, intercept) pair or None, default=None
         Pretrained head whose outputs are the logits of classes ``0 .. k-1``, the starting
-        point of gradient descent. None: zero weights, and any labels (a linear probe).
+        point of gradient descent (a string names a layer of the model passed as
+        ``extractor``, or ``"auto"``, as in :class:`LayerVariationalAdapter`). None: zero
+        weights, and any labels (a linear probe).
     lr : float, default=1e-3
         Learning rate.
     epochs : int, default=100
@@ -332,6 +338,12 @@ class GradientDescentClassifier(LogitsClassifierMixin, ClassifierMixin, _Gradien
         of that epoch is kept). None trains for ``epochs`` and keeps the last.
     random_state : int, RandomState instance or None, default=None
         Seeds the shuffling and the validation split.
+    link : {"softmax", "sigmoid"}, default="softmax"
+        How the head's logits are read. "softmax": one class per sample, the multinomial
+        cross-entropy. "sigmoid": each output on its own (multi-label heads, per-bin
+        confidences such as CREPE's), the binary cross-entropy of each output summed over
+        outputs; ``y`` may then be a (n_samples, k) 0/1 indicator matrix, as in
+        :class:`LayerVariationalClassifier`, and ``predict_proba`` is the sigmoid of each logit.
     fit_intercept : bool or "auto", default="auto"
         Whether to train the bias; "auto" follows the head, as in
         :class:`LayerVariationalAdapter`.
@@ -352,7 +364,9 @@ class GradientDescentClassifier(LogitsClassifierMixin, ClassifierMixin, _Gradien
         Trained logit weights (torch Linear layout).
     intercept_ : ndarray of shape (k,)
         Trained logit biases.
-    loss_curve_, validation_loss_curve_, best_epoch_, fit_time_ : object
+    multilabel_ : bool
+        Whether ``y`` was an indicator matrix (``link="sigmoid"``).
+    head_name_, loss_curve_, validation_loss_curve_, best_epoch_, fit_time_ : object
         As in :class:`GradientDescentAdapter` (losses are cross-entropies).
 
     See Also
@@ -378,9 +392,56 @@ class GradientDescentClassifier(LogitsClassifierMixin, ClassifierMixin, _Gradien
     True
     """
 
-    @staticmethod
-    def _sample_loss(L, Y):
-        """Cross-entropy of logits L against one-hot Y."""
+    _parameter_constraints: dict = {
+        **_GradientDescentBase._parameter_constraints,
+        "link": [StrOptions({"softmax", "sigmoid"})],
+    }
+
+    def __init__(
+        self,
+        extractor=None,
+        head=None,
+        *,
+        lr=1e-3,
+        epochs=100,
+        batch_size=None,
+        optimizer="adam",
+        weight_decay=0.0,
+        decay_to="pretrained",
+        validation_fraction=None,
+        random_state=None,
+        link="softmax",
+        fit_intercept="auto",
+        device="auto",
+        verbose=0,
+        cache="auto",
+    ):
+        super().__init__(
+            extractor,
+            head,
+            lr=lr,
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            weight_decay=weight_decay,
+            decay_to=decay_to,
+            validation_fraction=validation_fraction,
+            random_state=random_state,
+            fit_intercept=fit_intercept,
+            device=device,
+            verbose=verbose,
+            cache=cache,
+        )
+        self.link = link
+
+    @property
+    def _link(self):
+        return self.link
+
+    def _sample_loss(self, L, Y):
+        """Cross-entropy of logits L against one-hot (softmax) or 0/1 indicator (sigmoid) Y."""
+        if self.link == "sigmoid":
+            return torch.nn.functional.binary_cross_entropy_with_logits(L, Y, reduction="none").sum(1)
         return -(torch.log_softmax(L, dim=1) * Y).sum(1)
 
     @_fit_context(prefer_skip_nested_validation=True)
@@ -391,8 +452,9 @@ class GradientDescentClassifier(LogitsClassifierMixin, ClassifierMixin, _Gradien
         ----------
         X : array-like or torch.Tensor of shape (n_samples, *input_shape)
             Inputs of the extractor (features when ``extractor=None``).
-        y : array-like of shape (n_samples,)
-            Class labels (``0 .. k-1`` with a head).
+        y : array-like of shape (n_samples,) or (n_samples, k)
+            Class labels (``0 .. k-1`` with a head); with ``link="sigmoid"``, also a 0/1
+            indicator matrix of several labels per sample.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights of the samples' losses.
 
@@ -401,9 +463,12 @@ class GradientDescentClassifier(LogitsClassifierMixin, ClassifierMixin, _Gradien
         self : object
             Fitted estimator.
         """
-        classes, onehot = self._encode_onehot(y)
-        self._fit_gd(X, onehot, sample_weight)
+        multilabel = self.link == "sigmoid" and np.ndim(to_numpy(y)) == 2
+        with self._head_resolved(X):  # head="auto": the layer found on X's first sample
+            classes, onehot = self._encode_indicator(y) if multilabel else self._encode_onehot(y)
+            self._fit_gd(X, onehot, sample_weight)
         self.classes_ = classes
+        self.multilabel_ = multilabel
         return self
 
     def __sklearn_tags__(self):

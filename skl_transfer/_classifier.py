@@ -185,11 +185,13 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
     extractor : torch.nn.Module or None, default=None
         Frozen body of the pretrained network, as in :class:`LayerVariationalAdapter`.
         None means X already holds the features (2-D).
-    head : torch.nn.Linear, (coef, intercept) pair or None, default=None
+    head : torch.nn.Linear, str, (coef, intercept) pair or None, default=None
         Pretrained head whose outputs are the logits of classes ``0 .. k-1``: with a head, y
         must hold integer labels in that range (other labels are refused with an error that
         says so). None: any labels are accepted, and the classes are those seen in fit (a
-        linear probe). Convolutional heads are not taken (they output maps, not logits).
+        linear probe). Convolutional heads are not taken (they output maps, not logits). A
+        string names a ``Linear`` layer of ``extractor``, the whole model, as in
+        :class:`LayerVariationalAdapter` (``"auto"``: the last one that its forward calls).
     alpha : float, default=1.0
         Penalty on ``||W - W0||_F^2``, >= 0.
     loss : {"squared", "log"}, default="squared"
@@ -243,6 +245,9 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
     delta_coef_, delta_intercept_, residue_norm_, residual_norm_, fit_intercept_, extractor_ : object
         As in :class:`LayerVariationalAdapter` (for the log loss the residue norms are those of
         the squared loss's targets, a measure of what the pretrained head gets wrong).
+    head_name_ : str or None
+        The adapted layer's dotted name when ``head`` is a string (the layer found for
+        ``"auto"``); None otherwise.
 
     See Also
     --------
@@ -350,7 +355,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
                 "use loss='squared' with link='sigmoid'."
             )
         multilabel = self.link == "sigmoid" and np.ndim(to_numpy(y)) == 2
-        classes, yidx, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight, multilabel)
+        classes, onehot, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight, multilabel)
         spec = p.spec
         (n, k), t0 = L0.shape, time.perf_counter()
         if self.loss == "squared":
@@ -360,7 +365,15 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
             )
         else:
             W, b, self.n_iter_, converged = _solvers.multinomial_newton(
-                Z, yidx, s, spec.W0, spec.b0, self.alpha, spec.fit_intercept, self.max_iter, self.tol
+                Z,
+                onehot.argmax(axis=1),
+                s,
+                spec.W0,
+                spec.b0,
+                self.alpha,
+                spec.fit_intercept,
+                self.max_iter,
+                self.tol,
             )
             if not converged:
                 warnings.warn(
@@ -387,15 +400,17 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         return self.link
 
     def _logit_residue(self, X, y, sample_weight, multilabel=False):
-        """Encode y, run the extractor, and return ``(classes, yidx, problem, Z, s, L0, Q)``:
-        the features, weights, pretrained logits and the residue of the target logits."""
-        classes, onehot = self._encode_indicator(y) if multilabel else self._encode_onehot(y)
-        p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
+        """Encode y, run the extractor, and return ``(classes, onehot, problem, Z, s, L0, Q)``:
+        the (n, k) 0/1 labels, the features, weights, pretrained logits and the residue of the
+        target logits."""
+        with self._head_resolved(X):  # head="auto": the layer found on X's first sample
+            classes, onehot = self._encode_indicator(y) if multilabel else self._encode_onehot(y)
+            p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
         spec = p.spec
         Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
         L0 = Z @ spec.W0.T + spec.b0
         Q = self._target_logits(L0, onehot, s, pretrained=spec.prior.W0 is not None) - L0
-        return classes, onehot.argmax(axis=1), p, Z, s, L0, Q
+        return classes, onehot, p, Z, s, L0, Q
 
     def _target_logits(self, L0, onehot, s, pretrained):
         """Target logits of the squared loss (see the class docstring); ``onehot`` (n, k) holds
@@ -441,8 +456,9 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
     features, so, as ``RidgeClassifierCV`` does, every candidate alpha is scored from one
     decomposition of the features: exact leave-one-out (``cv=None``, the default, which needs
     no class to have several samples) or K-fold (a splitter, or an int: stratified when every
-    class has at least that many samples, else shuffled K-fold). The score is the (weighted)
-    accuracy of the held-out argmax of the logits. The best alpha is refitted on all data.
+    class has at least that many samples and y is 1-D, else shuffled K-fold). The score is
+    the (weighted) share of held-out samples whose largest logit is one of their labels (the
+    accuracy, for one label per sample). The best alpha is refitted on all data.
 
     Parameters
     ----------
@@ -450,14 +466,15 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         Frozen body of the pretrained network, or the whole model with ``head`` naming its
         layer, as in :class:`LayerVariationalAdapter`.
     head : torch.nn.Linear, str, (coef, intercept) pair or None, default=None
-        Pretrained head whose outputs are the logits, as in :class:`LayerVariationalClassifier`.
+        Pretrained head whose outputs are the logits, as in :class:`LayerVariationalClassifier`
+        (a string names a layer of the model; ``"auto"``: the last ``Linear`` that forward calls).
     alphas : array-like of float, default=(0.1, 1.0, 10.0)
         Candidate penalties (> 0 for leave-one-out).
     cv : int, cross-validation generator, iterable or None, default=None
         None: exact leave-one-out; an int: that many folds; or a splitter.
     link : {"softmax", "sigmoid"}, default="softmax"
-        How the head's logits are read, as in :class:`LayerVariationalClassifier` (one
-        label per sample here: ``y`` is 1-D).
+        How the head's logits are read, as in :class:`LayerVariationalClassifier`; with
+        "sigmoid", ``y`` may be a 0/1 indicator matrix (several labels per sample).
     encoding : {"onehot", "margin"}, default="onehot"
         Target logits, as in :class:`LayerVariationalClassifier`.
     margin : float or "auto", default="auto"
@@ -481,7 +498,7 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         Its mean held-out accuracy.
     cv_results_ : dict
         ``param_alpha``, ``mean_test_score`` and ``rank_test_score`` per candidate.
-    classes_, coef_, intercept_, n_iter_ : object
+    classes_, coef_, intercept_, n_iter_, head_name_ : object
         As in :class:`LayerVariationalClassifier`, for the refit with ``alpha_``.
 
     See Also
@@ -547,8 +564,8 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         ----------
         X : array-like or torch.Tensor of shape (n_samples, *input_shape)
             Inputs of the extractor, or features (n_samples, d) when ``extractor=None``.
-        y : array-like of shape (n_samples,)
-            Class labels.
+        y : array-like of shape (n_samples,) or (n_samples, k)
+            Class labels; with ``link="sigmoid"``, also a 0/1 indicator matrix.
         sample_weight : array-like of shape (n_samples,), default=None
             Non-negative weights, of the squared errors and of the held-out accuracies.
         groups : array-like of shape (n_samples,), default=None
@@ -560,18 +577,24 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
             Fitted estimator.
         """
         alphas = check_alphas(self.alphas, self.cv)
-        classes, yidx, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight)
+        multilabel = self.link == "sigmoid" and np.ndim(to_numpy(y)) == 2
+        classes, onehot, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight, multilabel)
         spec = p.spec
         rtol = spec.rtol(len(Z))
         hits = np.zeros((len(alphas), len(Z)))
+
+        def top_is_a_label(logits, rows):  # the held-out top output is one of the labels
+            return onehot[rows, logits.argmax(axis=1)] > 0
+
         if self.cv is None:
             for j, Q_loo in _solvers.loo_path(Z, Q, s, alphas, spec.fit_intercept, rtol):
-                hits[j] = (Q_loo + L0).argmax(axis=1) == yidx
+                hits[j] = top_is_a_label(Q_loo + L0, np.arange(len(Z)))
         else:
-            folds = list(self._splitter(yidx).split(Z, yidx, groups))
+            yidx = onehot.argmax(axis=1)
+            folds = list(self._splitter(yidx, multilabel).split(Z, yidx, groups))
             for f, j, Q_pred in _solvers.kfold_path(Z, Q, s, folds, alphas, spec.fit_intercept, rtol):
                 test = folds[f][1]
-                hits[j, test] = (Q_pred + L0[test]).argmax(axis=1) == yidx[test]
+                hits[j, test] = top_is_a_label(Q_pred + L0[test], test)
         mean = hits @ s / s.sum()
         best = int(np.argmax(mean))
         self.alpha_, self.best_score_ = float(alphas[best]), float(mean[best])
@@ -586,14 +609,14 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         self.n_iter_ = 1
         self._store(spec, p.X, p.net, p.digest, solution)
         self.classes_ = classes
-        self.multilabel_ = False
+        self.multilabel_ = multilabel
         return self
 
-    def _splitter(self, yidx):
+    def _splitter(self, yidx, multilabel=False):
         """An int cv: stratified folds, or shuffled K-fold when a class has fewer samples
-        than folds (a splitter is used as given)."""
+        than folds or y is multi-label (a splitter is used as given)."""
         if not isinstance(self.cv, Integral):
             return check_cv(self.cv)
         counts = np.bincount(yidx)
-        rare = counts[counts > 0].min() < self.cv
+        rare = multilabel or counts[counts > 0].min() < self.cv
         return KFold(self.cv, shuffle=True, random_state=0) if rare else StratifiedKFold(self.cv)

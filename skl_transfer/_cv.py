@@ -83,9 +83,10 @@ class LayerVariationalAdapterCV(RidgeUpdateMixin, AdapterRegressorMixin, BaseAda
     ----------
     extractor : torch.nn.Module or None, default=None
         Frozen body of the pretrained network (see :class:`LayerVariationalAdapter`).
-    head : torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, (coef, intercept) pair or None, default=None
+    head : torch.nn.Linear, Conv1d, Conv2d, str, (coef, intercept) pair or None, default=None
         Pretrained last layer (see :class:`LayerVariationalAdapter`; a convolution needs
-        K-fold, see Notes).
+        K-fold, see Notes). A string names a layer of ``extractor``, the whole model
+        (``"auto"``: the last ``Linear``/``Conv`` layer that its forward calls).
     alphas : array-like of float, default=(0.1, 1.0, 10.0)
         Candidate penalties, >= 0 (> 0 for leave-one-out, ``cv=None``).
     cv : int, cross-validation generator, iterable or None, default=None
@@ -123,7 +124,7 @@ class LayerVariationalAdapterCV(RidgeUpdateMixin, AdapterRegressorMixin, BaseAda
         As in :class:`LayerVariationalAdapter`, refitted on all data with ``alpha_``.
     fit_intercept_, residue_norm_, residual_norm_ : bool, float, float
         As in :class:`LayerVariationalAdapter`, for the refit.
-    extractor_, input_shape_, n_features_in_ : torch.nn.Module, tuple, int
+    extractor_, head_name_, input_shape_, n_features_in_ : torch.nn.Module, str, tuple, int
         As in :class:`LayerVariationalAdapter`.
     solver_ : {"primal", "dual"}
         Solver of the refit.
@@ -230,13 +231,14 @@ class LayerVariationalAdapterCV(RidgeUpdateMixin, AdapterRegressorMixin, BaseAda
         self._ridge_dtype = (
             np.float32 if self.extractor is None and self.head is None and _is_float32(X) else None
         )
-        conv = self._prior().geometry.is_conv
-        if conv and self.cv is None:
-            raise ValueError(
-                "Leave-one-out (cv=None) is not available for a convolutional head, whose samples "
-                "are many patch rows each; pass cv=5 (or any splitter) for K-fold."
-            )
-        p = self._start(X, y, sample_weight)
+        with self._head_resolved(X):  # head="auto": the layer found on X's first sample
+            conv = self._prior().geometry.is_conv
+            if conv and self.cv is None:
+                raise ValueError(
+                    "Leave-one-out (cv=None) is not available for a convolutional head, whose samples "
+                    "are many patch rows each; pass cv=5 (or any splitter) for K-fold."
+                )
+            p = self._start(X, y, sample_weight)
         if self.cv is None and p.n_samples < 2:
             raise ValueError(
                 "Leave-one-out (cv=None) cannot score a fit on 1 sample; pass at least 2 samples."

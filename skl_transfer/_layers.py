@@ -6,6 +6,7 @@ given as ``extractor``. The estimator's private copy of the model is wrapped in
 layer's input: nothing after it is computed, whatever the model returns (a tensor, tuple,
 dict or ``ModelOutput``) and whatever it does before (reshapes, permutes) or after
 (post-processing). :func:`replace_layer` puts the adapted layer back into a copy of the model.
+``head="auto"`` names the last Linear/Conv layer that forward calls (:func:`last_called_layer`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,13 @@ from torch import nn
 from ._torch import as_device_arrays
 
 _ADAPTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+AUTO = "auto"
+
+
+def is_auto(head):
+    """Whether ``head`` asks for the last Linear/Conv layer that the model's forward calls."""
+    return isinstance(head, str) and head == AUTO
 
 
 def named_layer(model, name):
@@ -69,6 +77,7 @@ class LayerInput(nn.Module):
         super().__init__()
         self.model = model
         self.name = name
+        self.training = model.training  # the wrapper's mode is its model's (eval in a frozen copy)
 
     def forward(self, x):
         def stop(module, args, kwargs):
@@ -87,21 +96,34 @@ class LayerInput(nn.Module):
         )
 
 
-def count_calls(model, name, x):
-    """How many times ``model``'s forward calls its layer ``name`` on the batch ``x``."""
-    calls = []
-    handle = model.get_submodule(name).register_forward_pre_hook(lambda m, a: calls.append(1))
+def call_order(model, names, x):
+    """The layers ``names`` of ``model`` that its forward calls on the batch ``x``, in the order
+    of their calls (a name once per call), seen by pre-hooks removed afterwards."""
+    order = []
+    handles = []
     try:
+        for name in names:
+            layer = model.get_submodule(name)
+            handles.append(layer.register_forward_pre_hook(lambda m, a, name=name: order.append(name)))
         with torch.inference_mode():
             model(x)
     finally:
-        handle.remove()
-    return len(calls)
+        for handle in handles:
+            handle.remove()
+    return order
+
+
+def count_calls(model, name, x):
+    """How many times ``model``'s forward calls its layer ``name`` on the batch ``x``."""
+    return len(call_order(model, [name], x))
 
 
 def check_called_once(model, name, x):
     """Raise a clear error unless ``model``'s forward calls the layer ``name`` exactly once."""
-    n = count_calls(model, name, x)
+    _check_count(model, name, count_calls(model, name, x))
+
+
+def _check_count(model, name, n):
     if n == 1:
         return
     if n == 0:
@@ -114,6 +136,25 @@ def check_called_once(model, name, x):
         "shared between calls); the update is for a layer applied once. Name a layer called once, "
         "or split the model by hand into an extractor and a head."
     )
+
+
+def last_called_layer(model, x):
+    """``head="auto"``: the dotted name of the last ``Linear``/``Conv1d``/``Conv2d`` submodule
+    that ``model``'s forward calls on the batch ``x`` (last in call order, not in registration
+    order), checked to be called once as a named layer is."""
+    candidates = [n for n, m in model.named_modules() if n and isinstance(m, _ADAPTABLE)]
+    order = call_order(model, candidates, x)
+    if not order:
+        has = f"it has {candidates[-8:]}, but forward calls none" if candidates else "it has none"
+        raise ValueError(
+            f"head='auto' adapts the last torch.nn.Linear, Conv1d or Conv2d layer that "
+            f"{type(model).__name__}.forward calls (on the first sample of X), and {has}. Pass the "
+            "layer to adapt by name (head='name', a dotted path as model.get_submodule takes), or "
+            "split the model by hand into an extractor and a head."
+        )
+    name = order[-1]
+    _check_count(model, name, order.count(name))
+    return name
 
 
 def export_state(model):

@@ -9,6 +9,7 @@ import numpy as np
 from ._cv import LayerVariationalAdapterCV
 from ._diagnostics import Diagnostics, _pct, _ratio
 from ._heads import as_prior
+from ._layers import LayerInput, named_layer
 from ._torch import to_numpy
 
 DEFAULT_ALPHAS = tuple(np.logspace(-3, 4, 15))
@@ -153,9 +154,12 @@ def transferability(
     Parameters
     ----------
     extractor : torch.nn.Module or None
-        Frozen body of the pretrained network (None: X holds the features).
-    head : torch.nn.Linear, Conv1d, Conv2d or (coef, intercept) pair
-        The pretrained last layer.
+        Frozen body of the pretrained network (None: X holds the features), or the whole model
+        when ``head`` names its layer.
+    head : torch.nn.Linear, Conv1d, Conv2d, str or (coef, intercept) pair
+        The pretrained last layer. A string names a layer of ``extractor``, the whole model,
+        as in :class:`LayerVariationalAdapter` (``"fc"``, or ``"auto"``: the last ``Linear``
+        or ``Conv`` layer that its forward calls); the features are that layer's input.
     X : array-like or torch.Tensor of shape (n_samples, *input_shape)
         Target-domain inputs of the extractor (features when ``extractor=None``).
     y : array-like of shape (n_samples,) or (n_samples, k)
@@ -220,7 +224,13 @@ def transferability(
     common = dict(alphas=alphas, cv=cv, scoring=scoring, batch_size=batch_size, device=device, cache=cache)
     adapted = LayerVariationalAdapterCV(extractor, head, fit_intercept=fit_intercept, **common)
     adapted.fit(X, y, sample_weight=sample_weight)
-    probe = LayerVariationalAdapterCV(extractor, _zero_head(head), fit_intercept=True, **common)
+    if adapted.head_name_ is not None:  # a named layer: the probe reads the same layer input
+        layer = named_layer(extractor, adapted.head_name_)
+        probe = LayerVariationalAdapterCV(
+            LayerInput(extractor, adapted.head_name_), _zero_head(layer), fit_intercept=True, **common
+        )
+    else:
+        probe = LayerVariationalAdapterCV(extractor, _zero_head(head), fit_intercept=True, **common)
     probe.fit(X, y, sample_weight=sample_weight)
     d = adapted.diagnostics_
     per_value = d.weight * d.n_outputs  # squared norms over rows and outputs -> mean

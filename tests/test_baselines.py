@@ -118,6 +118,36 @@ def test_gd_classifier_converges_to_the_log_loss_closed_form():
     assert set(probe.predict(X)) <= {"a", "b", "c"}
 
 
+@pytest.mark.parametrize("multilabel", [False, True])
+def test_gd_classifier_sigmoid_link_is_per_output_logistic_regression(multilabel):
+    # oracle: with no head and decay toward zero, the objective (1/S) sum_i s_i sum_j BCE_ij +
+    # lambda ||W||^2 splits into one logistic regression per output with C = 1 / (2 lambda S)
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(120, 4))
+    s = rng.uniform(0.5, 2.0, size=120)
+    if multilabel:
+        y = (X[:, :3] + 0.7 * rng.normal(size=(120, 3)) > 0).astype(int)
+    else:
+        y = np.argmax(X[:, :3] + 0.7 * rng.normal(size=(120, 3)), axis=1)
+    Y = y if multilabel else np.eye(3, dtype=int)[y]
+    lam = 0.01
+    gd = GradientDescentClassifier(
+        link="sigmoid", lr=0.05, epochs=3000, weight_decay=lam, decay_to="zero", random_state=0
+    ).fit(X, y, sample_weight=s)
+    assert gd.multilabel_ is multilabel
+    for j in range(3):
+        lr = LogisticRegression(C=1 / (2 * lam * s.sum()), tol=1e-12, max_iter=10_000)
+        lr.fit(X, Y[:, j], sample_weight=s)
+        assert_allclose(gd.coef_[j], lr.coef_[0], atol=2e-3)
+        assert_allclose(gd.intercept_[j], lr.intercept_[0], atol=2e-3)
+    proba = gd.predict_proba(X)
+    assert_allclose(proba, 1 / (1 + np.exp(-(X @ gd.coef_.T + gd.intercept_))), rtol=1e-12)
+    pred = gd.predict(X)
+    assert_array_equal(pred, (proba > 0.5).astype(int) if multilabel else np.argmax(proba, axis=1))
+
+
 @parametrize_with_checks(
     [GradientDescentClassifier(lr=0.05, epochs=100, random_state=0)],
     expected_failed_checks=lambda est: EXPECTED,

@@ -55,6 +55,38 @@ def test_scores_equal_brute_force(cv, encoding, link):
     assert_allclose(est.intercept_, refit.intercept_, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("cv", [None, 4])
+def test_multilabel_scores_equal_brute_force(cv):
+    # sigmoid link, indicator y (a sample's label and its neighbour, as in CREPE's pitch bins):
+    # the score is the weighted share of held-out samples whose top logit is one of their labels
+    Z, y, head = _data(k=5)
+    Y = np.zeros((len(y), 5), dtype=int)
+    Y[np.arange(len(y)), y] = 1
+    Y[np.arange(len(y)), (y + 1) % 5] = 1
+    s = np.random.default_rng(3).uniform(0.5, 2.0, len(y))
+    n = len(y)
+    splits = (
+        [(np.delete(np.arange(n), i), np.array([i])) for i in range(n)]
+        if cv is None
+        else list(KFold(cv, shuffle=True, random_state=0).split(Z))  # rare: shuffled K-fold
+    )
+    kw = dict(link="sigmoid", margin=2.0)
+    est = LayerVariationalClassifierCV(None, head, alphas=ALPHAS, cv=cv, **kw).fit(Z, Y, sample_weight=s)
+    hits = np.zeros((len(ALPHAS), n))
+    for j, alpha in enumerate(ALPHAS):
+        for train, test in splits:
+            clf = LayerVariationalClassifier(None, head, alpha=alpha, **kw)
+            clf.fit(Z[train], Y[train], sample_weight=s[train])
+            top = clf.decision_function(Z[test]).argmax(axis=1)
+            hits[j, test] = Y[test, top] > 0
+    ref = hits @ s / s.sum()
+    assert_allclose(est.cv_results_["mean_test_score"], ref, rtol=0, atol=1e-12)
+    assert est.alpha_ == ALPHAS[int(np.argmax(ref))] and est.multilabel_
+    refit = LayerVariationalClassifier(None, head, alpha=est.alpha_, **kw).fit(Z, Y, sample_weight=s)
+    assert_allclose(est.coef_, refit.coef_, rtol=1e-12, atol=1e-12)
+    assert_allclose(est.predict(Z), refit.predict(Z))
+
+
 def test_rare_classes_and_no_regression_warning():
     # 40 classes, 50 samples: most classes have one sample or none; the head defines them
     rng = np.random.default_rng(4)

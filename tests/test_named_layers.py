@@ -19,9 +19,12 @@ from torch import nn
 
 from skl_transfer import (
     GradientDescentAdapter,
+    GradientDescentClassifier,
     LayerVariationalAdapter,
     LayerVariationalAdapterCV,
     LayerVariationalClassifier,
+    LayerVariationalClassifierCV,
+    transferability,
 )
 
 
@@ -113,6 +116,7 @@ def _state(model):
         [m.training for m in model.modules()],
         [p.requires_grad for p in model.parameters()],
         [dict(m._forward_hooks) for m in model.modules()],
+        [dict(m._forward_pre_hooks) for m in model.modules()],
     )
 
 
@@ -231,3 +235,190 @@ def test_named_layer_cache_and_pickle_round_trip():
     before = copy.deepcopy(model.state_dict())
     LayerVariationalAdapter(model, "classifier", alpha=2.0).fit(X, out0)  # served from the cache
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+# -- head="auto": the last Linear/Conv layer that forward calls ------------------------------
+
+
+@pytest.mark.parametrize("cls, name, make_X", MODELS, ids=[m[0].__name__ for m in MODELS])
+def test_auto_is_the_named_last_layer(cls, name, make_X):
+    torch.manual_seed(3)
+    model = cls().train()
+    rng = np.random.default_rng(3)
+    X = make_X(rng)
+    model.eval()
+    Z, out0 = _layer_io(model, name, X)
+    model.train()
+    Y = out0 + 0.3 * rng.normal(size=out0.shape)
+    before = _state(model)
+    auto = LayerVariationalAdapter(model, "auto", alpha=0.5).fit(X, Y)
+    _same_state(before, _state(model))  # no hook left, weights, buffers and flags unchanged
+    named = LayerVariationalAdapter(model, name, alpha=0.5).fit(X, Y)
+    assert auto.head_name_ == named.head_name_ == name
+    np.testing.assert_array_equal(auto.coef_, named.coef_)
+    np.testing.assert_array_equal(auto.intercept_, named.intercept_)
+    np.testing.assert_array_equal(auto.predict(X), named.predict(X))
+
+    exported = auto.to_module()  # the whole model, the chosen layer replaced
+    assert type(exported) is cls and exported is not model and exported.training
+    _, out = _layer_io(exported.eval(), name, X)
+    assert_allclose(out, auto.predict(X), rtol=1e-5, atol=1e-5)
+    for (key, value), (key_ex, value_ex) in zip(
+        model.state_dict().items(), exported.state_dict().items(), strict=True
+    ):
+        assert key == key_ex
+        if not key.startswith(name + "."):  # every other tensor is the user's
+            assert torch.equal(value, value_ex)
+    _same_state(before, _state(model))
+
+
+class _CallOrder(nn.Module):
+    """Registers its output layer first and an unused Linear last: call order decides."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = nn.Linear(6, 2, dtype=torch.float64)  # registered first, called last
+        self.body = nn.Sequential(nn.Linear(4, 6, dtype=torch.float64), nn.Tanh())
+        self.spare = nn.Linear(2, 2, dtype=torch.float64)  # registered last, never called
+
+    def forward(self, x):
+        return self.out(self.body(x))
+
+
+def test_auto_picks_by_call_order_not_registration_order():
+    torch.manual_seed(4)
+    model = _CallOrder()
+    assert [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1] == "spare"
+    rng = np.random.default_rng(4)
+    X = rng.normal(size=(40, 4))
+    Z, out0 = _layer_io(model, "out", X)
+    Y = out0 + 0.2 * rng.normal(size=out0.shape)
+    auto = LayerVariationalAdapter(model, "auto", alpha=1.0).fit(X, Y)
+    assert auto.head_name_ == "out"
+    W0, b0 = _pair(model, "out")  # the oracle: Ridge on the captured input of `out`
+    ridge = Ridge(alpha=1.0).fit(Z, Y - Z @ W0.T - b0)
+    assert_allclose(auto.coef_, W0 + ridge.coef_, rtol=1e-10, atol=1e-12)
+    assert_allclose(auto.intercept_, b0 + ridge.intercept_, rtol=1e-10, atol=1e-12)
+
+
+class _NoLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act = nn.Tanh()
+        self.fc = nn.Linear(4, 2)  # present, but applied functionally: never called as a module
+
+    def forward(self, x):
+        return nn.functional.linear(self.act(x), self.fc.weight, self.fc.bias)
+
+
+def test_auto_errors():
+    X, Y = np.ones((10, 4), np.float32), np.zeros((10, 4))
+    with pytest.raises(ValueError, match=r"forward calls the layer 'fc' 2 times"):
+        LayerVariationalAdapter(_Twice(), "auto").fit(X, Y)
+    with pytest.raises(
+        ValueError, match=r"'auto'.*it has none\. Pass the layer to adapt by name \(head='name'"
+    ):
+        LayerVariationalAdapter(nn.Sequential(nn.Tanh(), nn.Flatten()), "auto").fit(X, Y)
+    with pytest.raises(ValueError, match=r"it has \['fc'\], but forward calls none.*head='name'"):
+        LayerVariationalAdapter(_NoLinear(), "auto").fit(X, Y)
+    with pytest.raises(ValueError, match="extractor must be the whole model"):
+        LayerVariationalAdapter(None, "auto").fit(X, Y)
+    with pytest.raises(ValueError, match="extractor must be the whole model"):
+        LayerVariationalClassifier(None, "auto").fit(X, np.zeros(10, int))
+
+
+AUTO_ESTIMATORS = [
+    (LayerVariationalAdapter, dict(alpha=1.0), "regression"),
+    (LayerVariationalAdapterCV, dict(alphas=[0.1, 1.0, 10.0]), "regression"),
+    (LayerVariationalClassifier, dict(alpha=1.0), "labels"),
+    (LayerVariationalClassifierCV, dict(alphas=[0.1, 1.0, 10.0]), "labels"),
+    (GradientDescentAdapter, dict(epochs=3, random_state=0), "regression"),
+    (GradientDescentClassifier, dict(epochs=3, random_state=0), "labels"),
+]
+
+
+@pytest.mark.parametrize("cls, params, target", AUTO_ESTIMATORS, ids=[e[0].__name__ for e in AUTO_ESTIMATORS])
+def test_auto_for_every_estimator(cls, params, target):
+    torch.manual_seed(5)
+    model = DictOutputModel(k=3).double().train()
+    rng = np.random.default_rng(5)
+    X = rng.normal(size=(50, 8))
+    Z, out0 = _layer_io(model, "head.classifier", X)
+    if target == "labels":
+        y = out0.argmax(1)
+        y[:15] = rng.integers(0, 3, 15)
+    else:
+        y = out0 + 0.2 * rng.normal(size=out0.shape)
+    before = _state(model)
+    auto = cls(model, "auto", **params).fit(X, y)
+    _same_state(before, _state(model))
+    named = cls(model, "head.classifier", **params).fit(X, y)
+    assert auto.head_name_ == named.head_name_ == "head.classifier"
+    assert_allclose(auto.coef_, named.coef_, rtol=1e-12, atol=1e-12)
+    assert_allclose(auto.intercept_, named.intercept_, rtol=1e-12, atol=1e-12)
+    exported = auto.to_module()
+    assert type(exported) is DictOutputModel
+    _, out = _layer_io(exported.eval(), "head.classifier", X)
+    scores = auto.predict(X) if target == "regression" else auto.decision_function(X)
+    assert_allclose(out, scores, rtol=1e-10, atol=1e-10)
+    # the (extractor, head module) and (coef, intercept) forms name no layer
+    body = nn.Sequential(model.encoder, nn.Tanh())
+    pair = cls(None, _pair(model, "head.classifier"), **params).fit(Z, y)
+    assert pair.head_name_ is None
+    assert cls(body, model.head.classifier, **params).fit(X, y).head_name_ is None
+
+
+def test_auto_with_partial_fit():
+    torch.manual_seed(6)
+    model = ResNetLike().double()
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(40, 1, 6, 6))
+    _, out0 = _layer_io(model, "fc", X)
+    Y = out0 + 0.1 * rng.normal(size=out0.shape)
+    est = LayerVariationalAdapter(model, "auto").partial_fit(X[:20], Y[:20]).partial_fit(X[20:], Y[20:])
+    full = LayerVariationalAdapter(model, "fc").fit(X, Y)
+    assert est.head_name_ == "fc"
+    assert_allclose(est.coef_, full.coef_, rtol=1e-10, atol=1e-12)
+
+
+# -- transferability on a named layer -------------------------------------------------------
+
+
+class _ResNetBody(nn.Module):
+    """ResNetLike's forward up to (not including) fc: the explicit (body, head) split."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        m = self.model
+        return torch.flatten(m.avgpool(m.layer1(torch.relu(m.bn1(m.conv1(x))))), 1)
+
+
+@pytest.mark.parametrize("head", ["fc", "auto"])
+def test_transferability_of_a_named_layer(head):
+    from sklearn.model_selection import LeaveOneOut
+    from test_transferability import ALPHAS, brute_force_cv
+
+    torch.manual_seed(7)
+    model = ResNetLike().double().train()
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(30, 1, 6, 6))
+    model.eval()
+    Z, out0 = _layer_io(model, "fc", X)  # the features, by a hook on the user's model
+    model.train()
+    Y = out0 + 0.3 * rng.normal(size=out0.shape)
+    before = _state(model)
+    named = transferability(model, head, X, Y, alphas=ALPHAS)
+    _same_state(before, _state(model))
+    assert named.adapter.head_name_ == "fc"
+    split = transferability(_ResNetBody(model), model.fc, X, Y, alphas=ALPHAS)
+    on_features = transferability(None, _pair(model, "fc"), Z, Y, alphas=ALPHAS)
+    numbers = ["pretrained_mse", "adapted_mse", "probe_mse", "alpha", "probe_alpha", "target_mse"]
+    for other in (split, on_features):
+        for key in numbers:
+            assert_allclose(getattr(named, key), getattr(other, key), rtol=1e-10, atol=1e-12)
+    adapted, alpha = brute_force_cv(Z, Y, np.ones(len(Y)), _pair(model, "fc"), LeaveOneOut())
+    assert_allclose(named.adapted_mse, adapted, rtol=1e-8)
+    assert named.alpha == alpha
