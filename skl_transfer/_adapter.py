@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from numbers import Real
+from numbers import Integral, Real
 from typing import NamedTuple
 
 import numpy as np
@@ -14,6 +14,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 
 from . import _solvers
 from ._base import AdapterRegressorMixin, BaseAdapter, RidgeUpdateMixin
+from ._block import BlockGeometry, is_block
 from ._dask import dask_moments, is_dask_array
 from ._features import gather_design
 from ._moments import accumulate_moments
@@ -87,9 +88,13 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         any shape (flattened per sample). It is deep-copied, put in eval mode and run
         under ``torch.inference_mode``; the module passed in is never modified.
         None means X already holds the features (2-D).
-    head : torch.nn.Linear, Conv1d, Conv2d, str, (coef, intercept) pair or None, default=None
-        Pretrained last layer (a convolution: see Notes). A pair holds ``coef`` of shape
-        (k, d) or (d,) and ``intercept`` as an array of shape (k,), a float, or None. None is
+    head : torch.nn.Linear, Conv1d, Conv2d, nn.Sequential, str, (coef, intercept) pair or None, default=None
+        Pretrained last layer (a convolution: see Notes), or a block of the last layers: an
+        ``nn.Sequential`` of ``Linear`` layers with elementwise activations between them,
+        ending in a ``Linear`` (e.g. ``net[-3:]``), adapted by variable projection (see
+        Notes; the earlier layers by Levenberg-Marquardt steps, the last in closed form). A
+        pair holds ``coef`` of shape (k, d) or (d,) and ``intercept`` as an array of shape
+        (k,), a float, or None. None is
         a zero prior: the estimator is then ridge regression on the features (without an
         extractor, exactly ``sklearn.linear_model.Ridge``). A string names a ``Linear`` or
         ``Conv`` layer of ``extractor``, which is then the whole model (a dotted path as
@@ -103,6 +108,14 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         calls (in call order, found on the first sample of X), reported in ``head_name_``.
     alpha : float, default=1.0
         Penalty on ``||coef_ - W_0||_F^2``, used as written (not squared). Must be >= 0.
+    alpha_body : float, default=0.0
+        Block heads only: penalty ``alpha_body * ||theta - theta_0||^2`` pulling the earlier
+        layers' weights and biases toward their pretrained values (>= 0).
+    max_iter : int, default=10
+        Block heads only: outer Levenberg-Marquardt steps at most.
+    tol : float, default=1e-6
+        Block heads only: the steps stop when one lowers the objective by at most ``tol``
+        times its value.
     method : {"exact", "perturb"}, default="exact"
         How the transferal residue is computed. "exact": ``Q = Y - h(Z)`` from the target
         data alone. "perturb": the first-order residue above, from target samples paired
@@ -168,6 +181,11 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         layer found for ``"auto"``); None for a module, a pair or no head.
     n_samples_seen_ : int
         Number of samples the update was computed from (summed over ``partial_fit`` calls).
+    n_iter_ : int
+        Block heads only: the accepted outer steps (0 for a block of one Linear).
+    loss_curve_ : ndarray of shape (n_iter_ + 1,)
+        Block heads only: the objective (weighted squared error plus both penalties) at the
+        pretrained earlier layers and after each accepted step; it never increases.
     input_shape_ : tuple
         Per-sample shape of X seen in fit.
     n_features_in_ : int
@@ -380,6 +398,9 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         **BaseAdapter._parameter_constraints,
         "alpha": [Interval(Real, 0, None, closed="left")],
         "method": [StrOptions({"exact", "perturb"})],
+        "alpha_body": [Interval(Real, 0, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
+        "tol": [Interval(Real, 0, None, closed="left")],
     }
 
     def __init__(
@@ -388,6 +409,9 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         head=None,
         *,
         alpha=1.0,
+        alpha_body=0.0,
+        max_iter=10,
+        tol=1e-6,
         method="exact",
         fit_intercept="auto",
         batch_size=256,
@@ -398,6 +422,9 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         self.extractor = extractor
         self.head = head
         self.alpha = alpha
+        self.alpha_body = alpha_body
+        self.max_iter = max_iter
+        self.tol = tol
         self.method = method
         self.fit_intercept = fit_intercept
         self.batch_size = batch_size
@@ -406,6 +433,7 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         self.cache = cache
 
     _supports_conv = True
+    _supports_block = True
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y=None, sample_weight=None, X_source=None, y_source=None):
@@ -442,6 +470,12 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         self._ridge_dtype = (
             np.float32 if self.extractor is None and self.head is None and _is_float32(X) else None
         )
+        if is_block(self.head) and (_is_batch_iterable(X) or is_dask_array(X) or self.method != "exact"):
+            raise ValueError(
+                "A block head is fitted from arrays held in memory with method='exact'; pass X as an "
+                "array or tensor (a DataLoader or dask array streams one layer's moments only), or "
+                "adapt the block's last Linear alone."
+            )
         if _is_batch_iterable(X):
             return self._fit_batches(X, y, sample_weight, X_source, y_source)
         perturb = self._uses_source(X_source, y_source)
@@ -454,6 +488,18 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
             return self._fit_dask(X, y, sample_weight)
         p = self._start(X, y, sample_weight)
         spec = p.spec
+        if isinstance(spec.geometry, BlockGeometry):
+            Z, Y, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
+            spec, solution = self._fit_block(p, Z, Y, s, self.alpha, self.alpha_body, self.max_iter, self.tol)
+            self._log(f"{p.n_samples} samples, {spec.geometry.n_layers} layers, {solution.solver}: "
+                      f"{self.n_iter_} steps, {time.perf_counter() - p.t0:.3f}s")  # fmt: skip
+            self._store(spec, p.X, p.net, p.digest, solution)
+            self.n_samples_seen_ = p.n_samples
+            self._moments_method = self.method
+            self._set_terms(None)
+            return self
+        for stale in ("n_iter_", "loss_curve_"):  # a block fit's, when head changed since
+            self.__dict__.pop(stale, None)
         residue = None
         if perturb:
             X_source, Y_source = self._check_source(p.X, p.Y, spec, X_source, y_source)
@@ -736,6 +782,11 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
             raise ValueError(
                 f"{type(self).__name__} requires y to be passed, but the target y is None; "
                 "pass the batch's targets."
+            )
+        if is_block(self.head):
+            raise ValueError(
+                "partial_fit streams the moments of one layer's update; a block head is adapted "
+                "from all its data at once: call fit on all batches together."
             )
         if stream is None:
             p = self._start(X, y, sample_weight, use_cache=False, allow_zero_weight=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import os
 import time
@@ -19,6 +20,7 @@ from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_feature_names, check_is_fitted, validate_data
 
 from . import _diagnostics, _fingerprint, _solvers
+from ._block import BlockGeometry, block_prior, fit_block, is_block
 from ._features import cached_extractor, feature_batches, head_outputs
 from ._heads import AdaptedNetwork, Prior, as_prior
 from ._layers import (
@@ -184,8 +186,19 @@ class BaseAdapter(BaseEstimator):
         elif hasattr(self, "n_features_in_"):
             del self.n_features_in_
 
+    _supports_block = False  # estimators that adapt a block head (an nn.Sequential) set True
+
     def _prior(self):
         """The pretrained head as a :class:`Prior`: ``head``, or the layer of ``extractor`` it names."""
+        if is_block(self.head):
+            if not self._supports_block:
+                raise TypeError(
+                    f"{type(self).__name__} adapts one layer, and head is a block (an nn.Sequential of "
+                    f"{len(self.head)} modules). LayerVariationalAdapter and LayerVariationalClassifier "
+                    "(loss='squared') adapt blocks; choose their alpha, alpha_body and max_iter with "
+                    "sklearn.model_selection.GridSearchCV, or pass the block's last Linear as head."
+                )
+            return block_prior(self.head)
         name = self._layer_name()
         return as_prior(self.head if name is None else named_layer(self.extractor, name))
 
@@ -327,6 +340,32 @@ class BaseAdapter(BaseEstimator):
         )
         batches = itertools.chain([first], batches)
         return Problem(X, Y, s, spec, net, batches, t0, cached)
+
+    def _fit_block(self, p, Z, Y, s, alpha, alpha_body, max_iter, tol):
+        """Adapt a block head (``p.spec.geometry`` a :class:`BlockGeometry`) on the features ``Z``
+        and targets ``Y`` by variable projection; returns the fitted spec and the last layer's
+        :class:`Solution` for :meth:`_store`, and sets ``n_iter_`` and ``loss_curve_``."""
+        spec = p.spec
+        fit = fit_block(
+            spec.geometry.block,
+            Z,
+            Y,
+            s,
+            alpha,
+            alpha_body,
+            spec.fit_intercept,
+            max_iter,
+            tol,
+            spec.feature_eps,
+        )
+        fitted = BlockGeometry(fit.block)
+        spec = dataclasses.replace(
+            spec, geometry=fitted, prior=dataclasses.replace(spec.prior, geometry=fitted)
+        )
+        solver = f"variable projection ({fit.solver})" if fit.block.n_layers > 1 else "closed form"
+        solution = fit.solution._replace(residue_sq=fit.objective0, solver=solver)
+        self.n_iter_, self.loss_curve_ = fit.n_iter, fit.loss_curve
+        return spec, solution
 
     def _features(self, net, X, desc="features", cached=None, use_cache=True):
         """The feature stream of X, with a tqdm progress bar over batches when verbose."""

@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_is_fitted, column_or_1d
 
 from . import _solvers
 from ._base import BaseAdapter
+from ._block import is_block
 from ._cv import check_alphas
 from ._features import gather_design
 from ._torch import to_numpy
@@ -194,6 +195,10 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         :class:`LayerVariationalAdapter` (``"auto"``: the last one that its forward calls).
     alpha : float, default=1.0
         Penalty on ``||W - W0||_F^2``, >= 0.
+    alpha_body : float, default=0.0
+        Block heads only (an ``nn.Sequential`` of Linear layers and elementwise activations,
+        adapted by variable projection as in :class:`LayerVariationalAdapter`, squared loss):
+        penalty on the earlier layers' distance to their pretrained weights, >= 0.
     loss : {"squared", "log"}, default="squared"
         "squared": the closed-form update toward target logits; "log": the multinomial log
         loss, by Newton steps (see above); a Hessian larger than 32 MiB is never formed (its
@@ -214,9 +219,11 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         ``log(9 (k - 1))``, the margin at which softmax gives the true class probability 0.9
         against ``k - 1`` equal rivals.
     max_iter : int, default=20
-        Newton steps of the log loss, at most (a ``ConvergenceWarning`` when they run out).
+        Newton steps of the log loss, at most (a ``ConvergenceWarning`` when they run out);
+        for a block head, outer Levenberg-Marquardt steps at most.
     tol : float, default=1e-8
-        Newton stopping tolerance (relative parameter change).
+        Newton stopping tolerance (relative parameter change); for a block head, the steps
+        stop when one lowers the objective by at most ``tol`` times its value.
     fit_intercept : bool or "auto", default="auto"
         Whether to update the bias; "auto" follows the head, as in
         :class:`LayerVariationalAdapter`.
@@ -241,7 +248,10 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
     intercept_ : ndarray of shape (k,)
         Adapted logit biases.
     n_iter_ : int
-        Newton steps taken (1, the one closed-form solve, for the squared loss).
+        Newton steps taken (1, the one closed-form solve, for the squared loss; the accepted
+        outer steps for a block head).
+    loss_curve_ : ndarray
+        Block heads only: the objective at the pretrained earlier layers and after each step.
     delta_coef_, delta_intercept_, residue_norm_, residual_norm_, fit_intercept_, extractor_ : object
         As in :class:`LayerVariationalAdapter` (for the log loss the residue norms are those of
         the squared loss's targets, a measure of what the pretrained head gets wrong).
@@ -295,6 +305,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
         "link": [StrOptions({"softmax", "sigmoid"})],
+        "alpha_body": [Interval(Real, 0, None, closed="left")],
     }
 
     def __init__(
@@ -303,6 +314,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         head=None,
         *,
         alpha=1.0,
+        alpha_body=0.0,
         loss="squared",
         link="softmax",
         encoding="onehot",
@@ -318,6 +330,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         self.extractor = extractor
         self.head = head
         self.alpha = alpha
+        self.alpha_body = alpha_body
         self.loss = loss
         self.link = link
         self.encoding = encoding
@@ -329,6 +342,8 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         self.device = device
         self.verbose = verbose
         self.cache = cache
+
+    _supports_block = True
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None):
@@ -349,6 +364,12 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         self : object
             Fitted estimator.
         """
+        if is_block(self.head) and self.loss != "squared":
+            raise ValueError(
+                "A block head (an nn.Sequential) is adapted with loss='squared' (variable projection "
+                "toward target logits); use loss='squared', or pass the block's last Linear as head "
+                "for loss='log'."
+            )
         if self.link == "sigmoid" and self.loss == "log":
             raise ValueError(
                 "loss='log' is the multinomial (softmax) log loss; for a head read through sigmoids "
@@ -358,7 +379,12 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         classes, onehot, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight, multilabel)
         spec = p.spec
         (n, k), t0 = L0.shape, time.perf_counter()
-        if self.loss == "squared":
+        self.__dict__.pop("loss_curve_", None)  # a block fit's, when head changed since
+        if spec.geometry.is_block:
+            spec, solution = self._fit_block(
+                p, Z, L0 + Q, s, self.alpha, self.alpha_body, self.max_iter, self.tol
+            )
+        elif self.loss == "squared":
             self.n_iter_ = 1  # one closed-form solve
             solution = _solvers.solve(
                 self.alpha, spec.fit_intercept, Z.shape, spec.feature_eps, design=(Z, Q, s)
@@ -408,7 +434,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
             p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
         spec = p.spec
         Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
-        L0 = Z @ spec.W0.T + spec.b0
+        L0 = spec.geometry.outputs(Z, spec.feature_shape, spec.W0, spec.b0)  # the pretrained logits
         Q = self._target_logits(L0, onehot, s, pretrained=spec.prior.W0 is not None) - L0
         return classes, onehot, p, Z, s, L0, Q
 
@@ -555,6 +581,7 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
         self.cache = cache
 
     loss = "squared"  # what the parent's methods read
+    _supports_block = False  # a block's alpha is chosen by GridSearchCV
 
     @_fit_context(prefer_skip_nested_validation=True)
     def fit(self, X, y, sample_weight=None, groups=None):

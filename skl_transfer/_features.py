@@ -187,6 +187,14 @@ def head_outputs(batches, n_samples, heads, geometry=LINEAR, feature_shape=()):
     """
     if geometry.is_conv:
         return _conv_heads_outputs(batches, n_samples, heads, geometry, feature_shape)
+    if geometry.is_block:  # the adapted earlier layers, then each head (float64 numpy)
+        outs = [np.empty((n_samples, np.shape(coef)[0])) for coef, _ in heads]
+        with torch.inference_mode():
+            for sl, Z, *_ in batches:
+                Z = to_float64(Z)
+                for out, (coef, b) in zip(outs, heads, strict=True):
+                    out[sl] = geometry.outputs(Z, feature_shape, coef, b)
+        return outs
     outs = None
     with torch.inference_mode():
         for sl, Z, *_ in batches:

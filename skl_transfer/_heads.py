@@ -42,7 +42,9 @@ class Prior:
 
     @property
     def n_features(self):
-        return None if self.W0 is None else self.W0.shape[1]
+        if self.W0 is None:
+            return None
+        return getattr(self.geometry, "n_features", self.W0.shape[1])  # a block: its input
 
 
 def _finite_layer(head, W0, b0):
@@ -129,9 +131,9 @@ class AdaptedNetwork(nn.Module):
         if dtype is not None and x.is_floating_point():
             x = x.to(dtype)
         z = self.extractor(x)
-        if isinstance(self.head, nn.Linear):
+        if isinstance(self.head, (nn.Linear, nn.Sequential)):  # a Linear or a block of them
             z = z.flatten(1)
-        return self.head(z.to(self.head.weight.dtype))
+        return self.head(z.to(floating_dtype(self.head)))
 
 
 def make_linear(coef, intercept, dtype):
@@ -149,6 +151,7 @@ class LinearGeometry:
     """A linear head: one design row per sample (the flattened features), k outputs."""
 
     is_conv = False
+    is_block = False  # a block head (several layers, _block.BlockGeometry)
 
     def signature(self):
         """Everything about the head's shape that decides its design rows (a cache key part)."""
@@ -187,6 +190,7 @@ class ConvGeometry:
     """
 
     is_conv = True
+    is_block = False
 
     def __init__(self, conv):
         if conv.groups != 1:
