@@ -202,6 +202,49 @@ def pretrain(net, X, y, *, epochs, lr=1e-3, loss=nn.functional.mse_loss, name=No
     return cached_weights(net, name, train)
 
 
+def fit_gd_block(
+    body, block, X, y, *, lr, epochs, loss=nn.functional.mse_loss, validation_fraction=None, seed=0
+):
+    """Gradient descent on every layer of ``block`` (a copy), the baseline of block heads.
+
+    The frozen body's features are computed once; full-batch Adam on ``loss`` for ``epochs``
+    epochs. With ``validation_fraction``, that share of the samples (a seeded draw) is held
+    out and the epoch of lowest validation loss is kept. Returns ``(predict, trained block)``,
+    ``predict(X)`` the numpy outputs of body then block.
+    """
+    block = copy.deepcopy(block).float().train()
+    with torch.inference_mode():
+        Z = body(torch.as_tensor(X, dtype=torch.float32)).flatten(1).clone()
+    Y = torch.as_tensor(y)
+    Y = Y.float() if Y.is_floating_point() else Y
+    train = np.arange(len(Z))
+    val = None
+    if validation_fraction is not None:
+        perm = np.random.default_rng(seed).permutation(len(Z))
+        n_val = max(1, int(round(validation_fraction * len(Z))))
+        val, train = perm[:n_val], perm[n_val:]
+    opt = torch.optim.Adam(block.parameters(), lr=lr)
+    best = (np.inf, copy.deepcopy(block.state_dict()))
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss(block(Z[train]), Y[train]).backward()
+        opt.step()
+        if val is not None:
+            with torch.no_grad():
+                v = float(loss(block(Z[val]), Y[val]))
+            if v < best[0]:
+                best = (v, copy.deepcopy(block.state_dict()))
+    if val is not None:
+        block.load_state_dict(best[1])
+    block.eval()
+
+    def predict(X):
+        with torch.inference_mode():
+            return block(body(torch.as_tensor(X, dtype=torch.float32)).flatten(1)).double().numpy()
+
+    return predict, block
+
+
 def fit_skorch(body, head, X, y, *, lr, epochs, batch_size=-1, shuffle=False, seed=None):
     """The peer a user would pick today: skorch's ``NeuralNetRegressor`` training a copy of
     ``head`` (Adam, MSE loss, no internal validation split) on the frozen body's features.
@@ -274,6 +317,19 @@ def timeseries_setup(seed=937):
             nn.Linear(64, 1, bias=False),
         )
     return t.numpy(), x.numpy(), (t + dt).numpy(), (r * x + dx).numpy(), net
+
+
+def timeseries_floor(t_new):
+    """The best predictor of experiment 1's target, ``E[x~ | t~]`` from the generating process
+    of :func:`timeseries_setup`: t~ = t_i + dt with dt ~ N(0.075, 0.04^2) over the uniform grid
+    t_i, and x~ = r_i sin(5 pi t_i) + noise of mean 0, so the posterior of the grid point i
+    given t~ weighs r_i sin(5 pi t_i). Its mean squared error is the floor of any predictor's
+    expected error on held-out target points. Returns (n, 1) float64."""
+    t = np.arange(-1, 1, 0.001) + 0.0005
+    r = np.arange(1, 1.8, 0.0004)
+    logp = -0.5 * ((np.ravel(t_new)[:, None] - t[None, :] - 0.075) / 0.04) ** 2
+    w = np.exp(logp - logp.max(axis=1, keepdims=True))
+    return ((w @ (r * np.sin(5 * np.pi * t))) / w.sum(axis=1))[:, None]
 
 
 def digit_images():

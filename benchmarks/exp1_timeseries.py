@@ -13,6 +13,15 @@ features of the body, with
   epochs, the last epoch kept);
 - ``GD-tuned``: the same 12000 full-batch epochs at lr 1e-2, keeping the epoch of lowest loss on
   20 % of the *training* samples held out (never the test data);
+- the last two layers (``net[2:]``: Linear 64 -> 64, ReLU, Linear 64 -> 1, on the body
+  ``net[:2]``): ``LVA-2``, LayerVariationalAdapter with that block as head (variable
+  projection), alpha in {1e-3, 1e-2, 0.1} and max_iter in {3, 10} chosen by GridSearchCV on one
+  validation split of 20 % of the training points (the body's features cached for the search;
+  the fit time is the whole search); ``GD-2``, full-batch Adam on both layers with the paper's
+  settings (lr 1e-3, 12000 epochs, features computed once); ``GD-2-tuned``, lr 1e-2 and the
+  epoch of lowest loss on 20 % of the training points;
+- ``floor``: ``E[x~ | t~]`` computed from the generating process, the best any predictor can
+  reach on average (the target's noise), for reference;
 - ``skorch`` (when installed): ``skorch.NeuralNetRegressor`` training a copy of the same head on
   the body's features (computed once), Adam lr 1e-3, 12000 full-batch epochs, no internal
   split: the tool a user would pick today. Mathematically it is the GD baseline (its errors
@@ -37,7 +46,8 @@ op much slower. Writes benchmarks/results/exp1_timeseries.csv and .png.
     python benchmarks/exp1_timeseries.py --no-skorch  # the same without skorch's (slow) fit
     python benchmarks/exp1_timeseries.py --seeds 5    # more seeds (about 2 more minutes each)
     python benchmarks/exp1_timeseries.py --quick      # N in {32, 1000}, 2 seeds, no GD-tuned and
-                                                      # no skorch; writes *_quick.csv/png
+                                                      # no skorch, two layers at N = 32, one seed;
+                                                      # writes *_quick.csv/png
 
 Both modes use the paper's network pretrained for 5000 epochs (the cached weights when present:
 with fewer pretraining epochs the features differ and so does the comparison) and keep the
@@ -54,6 +64,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from _common import (
+    fit_gd_block,
     fit_skorch,
     median_time,
     parser,
@@ -62,16 +73,21 @@ from _common import (
     save_figure,
     sse,
     summarise,
+    timeseries_floor,
     timeseries_setup,
     write_csv,
 )
+from sklearn.model_selection import GridSearchCV, ShuffleSplit
 
 from skl_transfer import GradientDescentAdapter, LayerVariationalAdapter, LayerVariationalAdapterCV
 
 PAPER_GD = dict(lr=1e-3, epochs=12000, batch_size=None)  # the paper's GD baseline
 TUNED_GD = dict(lr=1e-2, epochs=12000, batch_size=None, validation_fraction=0.2)
 ALPHAS = np.logspace(-6, 3, 30)
-METHODS = ["pretrained", "LVA", "LVA-CV", "GD", "GD-tuned", "skorch"]
+# the last two layers: alpha and max_iter chosen on a validation split of the training points
+LVA2_GRID = {"alpha": [1e-3, 1e-2, 1e-1], "max_iter": [3, 10]}
+METHODS = ["pretrained", "LVA", "LVA-CV", "GD", "GD-tuned", "skorch", "LVA-2", "GD-2", "GD-2-tuned"]
+TWO_LAYERS = ["LVA-2", "GD-2", "GD-2-tuned"]
 
 
 def lva(body, head, seed):
@@ -88,6 +104,26 @@ def gd(body, head, seed):
 
 def gd_tuned(body, head, seed):
     return GradientDescentAdapter(body, head, **TUNED_GD, random_state=seed, cache=False)
+
+
+def lva2(body, block, seed):
+    """LVA on the last two layers, alpha and max_iter chosen on 20 % of the training points
+    (one split, as GD-tuned's validation split; the body's features cached for the search)."""
+    est = LayerVariationalAdapter(body, block, cache=True)
+    return GridSearchCV(est, LVA2_GRID, cv=ShuffleSplit(1, test_size=0.2, random_state=seed))
+
+
+def run_two_layers(name, net, seed, X, y, repeats=3):
+    """A method on the last two layers of ``net`` (Linear 64 -> 64, ReLU, Linear 64 -> 1)."""
+    body, block = net[:2], net[2:]
+    if name == "LVA-2":
+        seconds, search = median_time(lambda: lva2(body, block, seed).fit(X, y), repeats, 1)
+        best = search.best_estimator_
+        return best.predict, seconds, {"alpha": best.alpha, "max_iter": best.max_iter}
+    kw = dict(PAPER_GD if name == "GD-2" else TUNED_GD)
+    kw.pop("batch_size")
+    seconds, (predict, _) = median_time(lambda: fit_gd_block(body, block, X, y, seed=seed, **kw), 1, warmup=0)
+    return predict, seconds, {}
 
 
 def run_method(name, body, head, seed, X, y):
@@ -138,6 +174,10 @@ def _run(args):
     sizes = [32, 1000] if args.quick else [8, 32, 128, 512, 1000]
     seeds = range(args.seeds or (2 if args.quick else 3))
     methods = ["LVA", "LVA-CV", "GD"] + ([] if args.quick else ["GD-tuned"])
+    # the last two layers: LVA-2 and GD-2 at N = 32 only in --quick (GD-2's 12000 epochs)
+    two_layer_methods = ["LVA-2", "GD-2"] + ([] if args.quick else ["GD-2-tuned"])
+    two_layer_sizes = [32] if args.quick else sizes
+    two_layer_seeds, repeats = (seeds[:1], 1) if args.quick else (seeds, 3)
     has_skorch = importlib.util.find_spec("skorch") is not None
     if args.quick:
         print("GD-tuned and skorch: not run in --quick mode")
@@ -158,11 +198,12 @@ def _run(args):
     GradientDescentAdapter(body, head, epochs=5, cache=False).fit(t_new[:64], x_new[:64])
 
     rows = []
+    floor_predict = timeseries_floor  # E[x~ | t~]: the best any predictor can do
 
     def record(setting, n, seed, method, score, seconds=None, extra=None):
         """One row; ``score``: {"test_mse": ...} (held out) or {"sse": ...} (the paper's setting)."""
         row = dict(setting=setting, n=n, seed=seed, method=method, test_mse=None, sse=None, fit_s=seconds)
-        row.update(score, alpha=None, best_epoch=None, descent_s=None)
+        row.update(score, alpha=None, best_epoch=None, descent_s=None, max_iter=None)
         row.update(extra or {})
         rows.append(row)
 
@@ -176,11 +217,15 @@ def _run(args):
             return float(np.mean((np.ravel(pred) - x_new[test].ravel()) ** 2))  # noqa: B023
 
         pre = mse(predict_torch(net, t_new[test]))
+        record("held-out", 0, seed, "floor", {"test_mse": mse(floor_predict(t_new[test]))})
         for n in sizes:
             idx = pool[:n]
             record("held-out", n, seed, "pretrained", {"test_mse": pre})
             for m in methods:
                 predict, seconds, extra = run_method(m, body, head, seed, t_new[idx], x_new[idx])
+                record("held-out", n, seed, m, {"test_mse": mse(predict(t_new[test]))}, seconds, extra)
+            for m in two_layer_methods if n in two_layer_sizes and seed in two_layer_seeds else []:
+                predict, seconds, extra = run_two_layers(m, net, seed, t_new[idx], x_new[idx], repeats)
                 record("held-out", n, seed, m, {"test_mse": mse(predict(t_new[test]))}, seconds, extra)
             print(f"  seed {seed}, N = {n:4d}: done ({time.perf_counter() - t_start:.0f} s)", flush=True)
 
@@ -190,10 +235,16 @@ def _run(args):
     for m in ["LVA", "LVA-CV", "GD"] + (["skorch"] if run_skorch else []):
         predict, seconds, extra = run_method(m, body, head, 0, t_new, x_new)
         record("paper", n_paper, 0, m, {"sse": sse(x_new, predict(t_new))}, seconds, extra)
+    if not args.quick:
+        for m in ["LVA-2", "GD-2"]:
+            predict, seconds, extra = run_two_layers(m, net, 0, t_new, x_new)
+            record("paper", n_paper, 0, m, {"sse": sse(x_new, predict(t_new))}, seconds, extra)
+    record("paper", n_paper, 0, "floor", {"sse": sse(x_new, floor_predict(t_new))})
 
     name = "exp1_timeseries_quick" if args.quick else "exp1_timeseries"
     path = write_csv(name, rows)
     held = summarise([r for r in rows if r["setting"] == "held-out"], "test_mse")
+    floor = held.pop((0, "floor"))
     paper = summarise([r for r in rows if r["setting"] == "paper"], "sse")
     shown = [m for m in METHODS if any((n, m) in held for n in sizes)]
 
@@ -205,6 +256,10 @@ def _run(args):
     print(f"{'N':>5}" + "".join(f"{m:>{w}}" for m in shown))
     for n in sizes:
         print(f"{n:>5}" + "".join(f"{fmt_err(held[(n, m)]) if (n, m) in held else '':>{w}}" for m in shown))
+    print(
+        f"floor: E[x~ | t~] from the generating process, {fmt_err(floor)} (no predictor does better "
+        "on average)"
+    )
     print("\nfit wall time, median over seeds (cache off; LVA: median of 3 fits); GD/LVA = ratio")
     timed = [m for m in shown if m != "pretrained"]
     print(f"{'N':>5}" + "".join(f"{m:>{w - 6}}" for m in timed) + f"{'GD/LVA':>{w - 6}}")
@@ -212,6 +267,10 @@ def _run(args):
         cells = [fmt_time(held[(n, m)]["fit_s"]) if (n, m) in held else "" for m in timed]
         ratio = held[(n, "GD")]["fit_s"] / held[(n, "LVA")]["fit_s"]
         print(f"{n:>5}" + "".join(f"{c:>{w - 6}}" for c in cells) + f"{ratio:>{w - 7}.0f}x")
+    for n in sizes:
+        if (n, "GD-2") in held:
+            ratio = held[(n, "GD-2")]["fit_s"] / held[(n, "LVA-2")]["fit_s"]
+            print(f"N = {n}: GD-2/LVA-2 fit time {ratio:.0f}x (LVA-2: its whole search, 6 fits and a refit)")
     print(f"\nthe paper's setting: adapt on all {n_paper} target points, SSE on the same points")
     print(f"{'method':<12}{'SSE':>10}{'fit time':>12}")
     for m in METHODS:
@@ -220,6 +279,13 @@ def _run(args):
             print(f"{m:<12}{s['mean']:>10.1f}{fmt_time(s['fit_s']):>12}")
     ratio = paper[(n_paper, "GD")]["fit_s"] / paper[(n_paper, "LVA")]["fit_s"]
     print(f"GD/LVA fit time: {ratio:.0f}x")
+    if (n_paper, "GD-2") in paper:
+        ratio = paper[(n_paper, "GD-2")]["fit_s"] / paper[(n_paper, "LVA-2")]["fit_s"]
+        print(f"GD-2/LVA-2 fit time: {ratio:.0f}x")
+    print(
+        f"floor: {paper[(n_paper, 'floor')]['mean']:.1f}, the SSE of E[x~ | t~] on these points; a lower SSE "
+        "fits their noise (the points are also the training points)"
+    )
     if run_skorch:  # the paper's setting only
         gaps = [
             abs(a["sse"] - b["sse"]) / b["sse"]
@@ -233,7 +299,8 @@ def _run(args):
     print(f"LVA-CV chose alpha in [{min(alphas):.2g}, {max(alphas):.2g}]")
 
     fig, (ax, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
-    styles = {"pretrained": "k--", "LVA": "o-", "LVA-CV": "s-", "GD": "^-", "GD-tuned": "v-", "skorch": "x"}
+    styles = {"pretrained": "k--", "LVA": "o-", "LVA-CV": "s-", "GD": "^-", "GD-tuned": "v-", "skorch": "x",
+              "LVA-2": "D-", "GD-2": "P-", "GD-2-tuned": "X-"}  # fmt: skip
     for m in shown:
         ns = [n for n in sizes if (n, m) in held]
         med = np.array([held[(n, m)]["median"] for n in ns])
@@ -247,6 +314,7 @@ def _run(args):
         a.set_xscale("log")
         a.set_yscale("log")
         a.set_xlabel("target training samples N")
+    ax.axhline(floor["mean"], color="grey", linestyle=":", label="floor E[x~|t~]")
     ax.set_ylabel("held-out target MSE (median, quartiles)")
     ax.set_title(f"Experiment 1: test error over {len(seeds)} seeds")
     ax_t.set_ylabel("fit wall time (s), median")
@@ -257,9 +325,8 @@ def _run(args):
     plt.close(fig)
     cpu = time.process_time() - cpu_start  # on a shared machine, the CPU time is the steadier figure
     print(f"total {time.perf_counter() - t_start:.0f} s wall, {cpu:.0f} s CPU")
-    return dict(
-        sizes=sizes, heldout=held, paper={m: paper[(n_paper, m)] for m in METHODS if (n_paper, m) in paper}
-    )
+    paper = {m: paper[(n_paper, m)] for m in [*METHODS, "floor"] if (n_paper, m) in paper}
+    return dict(sizes=sizes, heldout=held, paper=paper, floor=floor)
 
 
 if __name__ == "__main__":

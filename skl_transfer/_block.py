@@ -43,7 +43,9 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.linalg
 import torch
+from threadpoolctl import threadpool_limits
 from torch import nn
 
 from . import _solvers
@@ -233,18 +235,42 @@ def hidden(block, A0, derivative=False):
     return A, D
 
 
+def _pinv_psd(M):
+    """``M^+`` of a small symmetric positive semi-definite matrix, scaled to a unit diagonal:
+    by Cholesky when it is well conditioned, else by an eigendecomposition with directions below
+    1e-12 of the largest eigenvalue dropped (the minimum-norm solution at alpha = 0). The
+    eigendecomposition runs on one BLAS thread: OpenBLAS's threaded ``syevd`` takes 50 times
+    longer on a 65 x 65 matrix than one thread does."""
+    scale = np.sqrt(np.maximum(np.diag(M), np.finfo(float).tiny))
+    Ms = M / np.outer(scale, scale)
+    try:
+        L = np.linalg.cholesky(Ms)
+        if np.diag(L).min() ** 2 > 1e-12 * np.diag(L).max() ** 2:
+            Linv = scipy.linalg.solve_triangular(L, np.eye(len(M)), lower=True)
+            return (Linv.T @ Linv) / np.outer(scale, scale)
+    except np.linalg.LinAlgError:
+        pass
+    with threadpool_limits(1, user_api="blas"):
+        w, V = np.linalg.eigh(Ms)
+    keep = w > max(w[-1], 0.0) * 1e-12
+    V = V[:, keep] / scale[:, None]
+    return (V / w[keep]) @ V.T
+
+
 @dataclass
 class _Point:
-    """The block at ``theta``: features, last layer, residuals and objective."""
+    """The block at ``theta``: features, last layer, residuals, objective, and the pieces of
+    the projection ``Pi = B Minv B^T`` (``B = S^{1/2} [H, 1]``, ``Minv = M^+``)."""
 
     theta: np.ndarray
     A: list
     D: list
-    solution: object
     W: np.ndarray  # the last layer (k, m)
     b: np.ndarray  # (k,)
     R: np.ndarray  # sqrt(s) * (outputs - Y), (N, k)
     objective: float
+    B: np.ndarray
+    Minv: np.ndarray
 
 
 class _Problem:
@@ -258,23 +284,41 @@ class _Problem:
         self.W0 = block.weights[-1]
         self.b0 = np.zeros(block.n_outputs) if block.biases[-1] is None else block.biases[-1]
         self.theta0 = block.body_params()
+        self.SY = self.sqrt_s[:, None] * Y
 
     def point(self, theta):
+        """The block at ``theta`` with its last layer solved: the ridge normal equations
+        ``M [W, b]^T = B^T S^{1/2} Y + alpha [W0, 0]^T``, by one eigendecomposition of ``M``
+        scaled to a unit diagonal (directions below 1e-12 of its largest eigenvalue dropped:
+        the minimum-norm solution at alpha = 0), which the step's projection reuses."""
         A, D = hidden(self.block.with_body(theta), self.A0, derivative=True)
         H = A[-1]
-        Q = self.Y - H @ self.W0.T - self.b0
-        solution = _solvers.solve(
-            self.alpha, self.fit_intercept, H.shape, self.feature_eps, design=(H, Q, self.s)
-        )
-        W = self.W0 + solution.dWt.T
-        b = self.b0 + solution.db
-        R = self.sqrt_s[:, None] * (H @ W.T + b - self.Y)
+        m = H.shape[1]
+        B = self.sqrt_s[:, None] * (np.hstack([H, np.ones((len(H), 1))]) if self.fit_intercept else H)
+        M = B.T @ B
+        M[np.arange(m), np.arange(m)] += self.alpha
+        Minv = _pinv_psd(M)
+        rhs = B.T @ self.SY
+        rhs[:m] += self.alpha * self.W0.T
+        coef = Minv @ rhs  # (m [+ 1], k)
+        W = coef[:m].T
+        b = coef[m] if self.fit_intercept else self.b0
+        R = B[:, :m] @ W.T + self.sqrt_s[:, None] * b - self.SY
         objective = (
             float((R * R).sum())
-            + self.alpha * float((solution.dWt**2).sum())
+            + self.alpha * float(((W - self.W0) ** 2).sum())
             + self.alpha_body * float(((theta - self.theta0) ** 2).sum())
         )
-        return _Point(theta, A, D, solution, W, b, R, objective)
+        return _Point(theta, A, D, W, b, R, objective, B, Minv)
+
+    def solution(self, pt):
+        """The last layer at ``pt`` by the library's ridge solve (what a one-layer fit on the
+        block's final features gives: equilibrated Cholesky, or the data when ill-conditioned)."""
+        H = pt.A[-1]
+        Q = self.Y - H @ self.W0.T - self.b0
+        return _solvers.solve(
+            self.alpha, self.fit_intercept, H.shape, self.feature_eps, design=(H, Q, self.s)
+        )
 
     # -- the Jacobian's structure ------------------------------------------------------
     def sensitivities(self, pt, rows=slice(None)):
@@ -299,14 +343,14 @@ class _Problem:
             T = pt.A[l] @ Ws[l].T
             if bs[l] is not None:
                 T += bs[l]
-            out = out + np.einsum("ikm,im->ik", Delta, T)
+            out = out + (Delta * T[:, None, :]).sum(axis=2)
         return out
 
     def vjp(self, pt, Deltas, X):
         """``J^T x`` for x of shape (N, k), as a theta-shaped vector."""
         parts = []
         for l, Delta in enumerate(Deltas):
-            E = np.einsum("ik,ikm->im", X, Delta)
+            E = (X[:, :, None] * Delta).sum(axis=1)
             parts.append((E.T @ pt.A[l]).ravel())
             if self._has_bias(l):
                 parts.append(E.sum(axis=0))
@@ -324,19 +368,6 @@ class _Problem:
                 blocks.append(Delta.reshape(n * k, -1))
         return np.concatenate(blocks, axis=1)
 
-    def projector(self, pt):
-        """``(B, Minv)``: ``B = S^{1/2} H~`` and ``M^+``, so that ``Pi x = B Minv B^T x``."""
-        H = pt.A[-1]
-        Ht = np.hstack([H, np.ones((len(H), 1))]) if self.fit_intercept else H
-        B = self.sqrt_s[:, None] * Ht
-        M = B.T @ B
-        m = H.shape[1]
-        M[np.arange(m), np.arange(m)] += self.alpha
-        w, V = np.linalg.eigh(M)
-        keep = w > max(w.max(), 0.0) * max(M.shape[0] * np.finfo(float).eps, 1e-13)
-        Minv = (V[:, keep] / w[keep]) @ V[:, keep].T
-        return B, Minv
-
     @staticmethod
     def project_off(B, Minv, X):
         """``(I - Pi) X`` for X of shape (N, k) (each output's column)."""
@@ -349,11 +380,11 @@ class _Problem:
         P = pt.theta.size
         N, k = pt.R.shape
         Deltas = self.sensitivities(pt)
-        B, Minv = self.projector(pt)
+        B, Minv = pt.B, pt.Minv
         g = self.vjp(pt, Deltas, pt.R) + self.alpha_body * (pt.theta - self.theta0)
         # the damping's scale: the mean diagonal of J^T J (the same whatever the form)
         scale = sum(
-            float(np.einsum("ikm,ikm,i->", D, D, (pt.A[l] ** 2).sum(axis=1) + self._has_bias(l)))
+            float((D * D).sum(axis=(1, 2)) @ ((pt.A[l] ** 2).sum(axis=1) + self._has_bias(l)))
             for l, D in enumerate(Deltas)
         ) / max(P, 1)
         if form is None:
@@ -372,7 +403,8 @@ class _Problem:
                 Jc = self.jacobian_rows(pt, [d[rows] for d in Deltas], rows)
                 G += Jc.T @ Jc
                 Jc = Jc.reshape(rows.stop - rows.start, k, P)
-                V += np.einsum("im,ikp->kmp", B[rows], Jc)
+                for j in range(k):
+                    V[j] += B[rows].T @ Jc[:, j, :]
             for j in range(k):
                 G -= V[j].T @ (Minv @ V[j])
             G = (G + G.T) / 2
@@ -386,14 +418,15 @@ class _Problem:
             for l, Delta in enumerate(Deltas):
                 Dl = Delta.reshape(N * k, -1)
                 KA = pt.A[l] @ pt.A[l].T + (1.0 if self._has_bias(l) else 0.0)
-                K += (Dl @ Dl.T) * np.repeat(np.repeat(KA, k, axis=0), k, axis=1)
+                if k > 1:
+                    KA = np.repeat(np.repeat(KA, k, axis=0), k, axis=1)
+                K += (Dl @ Dl.T) * KA
 
             def Q(X):  # (N k,) -> (I - Pi) per output, flattened
                 return self.project_off(B, Minv, X.reshape(N, k)).ravel()
 
-            Kr = K.reshape(N, k, N * k)  # (I - Pi) on every column of K, output by output
-            T = np.einsum("mn,nkc->mkc", Minv, np.einsum("im,ikc->mkc", B, Kr))
-            QK = (Kr - np.einsum("im,mkc->ikc", B, T)).reshape(N * k, N * k)
+            Kr = K.reshape(N, k * N * k)  # (I - Pi) on every column of K, output by output
+            QK = (Kr - B @ (Minv @ (B.T @ Kr))).reshape(N * k, N * k)
 
             def solve(c):
                 # (c I + J^T Q J)^{-1} = (I - J^T (c I + Q K)^{-1} Q J) / c
@@ -479,7 +512,7 @@ def fit_block(block, Z, Y, s, alpha, alpha_body, fit_intercept, max_iter, tol, f
         if decrease <= tol * pt.objective:
             break
     fitted = block.with_body(pt.theta)
-    return BlockFit(fitted, pt.solution, np.array(curve), n_iter, solver, objective0)
+    return BlockFit(fitted, prob.solution(pt), np.array(curve), n_iter, solver, objective0)
 
 
 class BlockGeometry(LinearGeometry):
