@@ -615,6 +615,12 @@ class RidgeUpdateMixin:
         if diag is not None:
             return diag
         state, moments = self.__dict__.get("_diag_state"), self.__dict__.get("_moments")
+        if self._spec.geometry.is_block:
+            raise AttributeError(
+                "diagnostics_ describe the one-layer update; a block head's fit reports loss_curve_, "
+                "residue_norm_ (pretrained block) and residual_norm_ (adapted). For the diagnostics of "
+                "its last layer alone, fit the block's last Linear as head."
+            )
         if state is None or (moments is None and state[1].design is None):
             raise AttributeError(
                 "diagnostics_ needs a fit that saw all its data in one call (fit, or the first "

@@ -481,6 +481,11 @@ def fit_block(block, Z, Y, s, alpha, alpha_body, fit_intercept, max_iter, tol, f
     """Minimise phi (module docstring) from the pretrained block by Levenberg-Marquardt steps
     (``form``: the step's system, see :meth:`_Problem.step_system`)."""
     A0 = block_input(block, Z)
+    if A0.ndim != 2 or A0.shape[1] != block.d_in:
+        raise ValueError(
+            f"The block's first Linear takes {block.d_in} inputs, but the features after the modules "
+            f"before it have shape {A0.shape[1:]}; pass the block that belongs to these features."
+        )
     prob = _Problem(block, A0, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
     H0 = hidden(block, A0)[0][-1]
     R0 = H0 @ prob.W0.T + prob.b0 - Y

@@ -219,6 +219,9 @@ def test_refusals_name_the_fix():
         LayerVariationalClassifierCV(None, block).fit(Z, rng.integers(0, 2, 30))
     with pytest.raises(ValueError, match="loss='squared'"):
         LayerVariationalClassifier(None, block, loss="log").fit(Z, rng.integers(0, 2, 30))
+    fitted = LayerVariationalAdapter(None, block, max_iter=1).fit(Z, Y)
+    with pytest.raises(AttributeError, match="loss_curve_"):
+        fitted.diagnostics_
     with pytest.raises(ValueError, match="call fit on all batches"):
         LayerVariationalAdapter(None, block).partial_fit(Z, Y)
     with pytest.raises(ValueError, match="outputs 5"):
