@@ -37,6 +37,19 @@ def shifted(X, shift):
     return gaussian_filter(X, sigma=(0, 0, 1.0, 1.0))  # blur
 
 
+def target_domain(net, X, y, shift):
+    """The target images shifted, their labels, the halves that fits draw from (``pool``) and
+    that score them (``test``), and the pretrained network's accuracy on the clean and the
+    shifted held-out halves (printed)."""
+    Xt = shifted(X, shift)
+    pool, test = np.arange(len(X))[: len(X) // 2], np.arange(len(X))[len(X) // 2 :]
+    with torch.no_grad():
+        acc_source = float((net(torch.as_tensor(X[test])).argmax(1).numpy() == y[test]).mean())
+        acc_pre = float((net(torch.as_tensor(Xt[test])).argmax(1).numpy() == y[test]).mean())
+    print(f"pretrained accuracy: {acc_source:.3f} on clean held-out digits, {acc_pre:.3f} on {shift} ones")
+    return Xt, y, pool, test, acc_source, acc_pre
+
+
 def main(argv=None):
     cli = parser(__doc__)
     cli.add_argument("--shift", choices=["invert", "rotate", "blur"], default="invert")
@@ -60,15 +73,7 @@ def main(argv=None):
     print(f"pretrained on {len(source)} clean digits ({time.perf_counter() - t0:.1f} s)")
     body, head = net[:-1], net[-1]
 
-    Xt = shifted(X[target], args.shift)
-    yt = y[target]
-    pool, test = np.arange(len(target))[: len(target) // 2], np.arange(len(target))[len(target) // 2 :]
-    with torch.no_grad():
-        acc_source = float((net(torch.as_tensor(X[target][test])).argmax(1).numpy() == yt[test]).mean())
-        acc_pre = float((net(torch.as_tensor(Xt[test])).argmax(1).numpy() == yt[test]).mean())
-    print(
-        f"pretrained accuracy: {acc_source:.3f} on clean held-out digits, {acc_pre:.3f} on {args.shift} ones"
-    )
+    Xt, yt, pool, test, acc_source, acc_pre = target_domain(net, X[target], y[target], args.shift)
 
     sizes = [10, 200] if args.quick else [10, 20, 50, 100, 200]
     seeds = range(1 if args.quick else 3)

@@ -221,7 +221,7 @@ def test_refusals_name_the_fix():
         LayerVariationalClassifier(None, block, loss="log").fit(Z, rng.integers(0, 2, 30))
     fitted = LayerVariationalAdapter(None, block, max_iter=1).fit(Z, Y)
     with pytest.raises(AttributeError, match="loss_curve_"):
-        fitted.diagnostics_
+        _ = fitted.diagnostics_
     with pytest.raises(ValueError, match="call fit on all batches"):
         LayerVariationalAdapter(None, block).partial_fit(Z, Y)
     with pytest.raises(ValueError, match="outputs 5"):
