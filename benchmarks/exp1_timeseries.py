@@ -38,9 +38,9 @@ Two measures:
    the same points (the paper: about 1900 pretrained, 850 GD, 640 LVA).
 
 Fit times are wall times of ``fit`` with the feature cache off (``cache=False``: every fit runs
-the body), LVA's the median of 3 fits. Torch runs on one thread (``--threads``): these problems
-are too small to gain from intra-op threads, and on a busy machine extra threads make each small
-op much slower. Writes benchmarks/results/exp1_timeseries.csv and .png.
+the body), LVA's the median of 3 fits. Torch and numpy's BLAS run on one thread
+(``--threads``): these problems are too small to gain from intra-op threads, and on a busy
+machine extra threads make each small op much slower. Writes benchmarks/results/exp1_timeseries.csv and .png.
 
     python benchmarks/exp1_timeseries.py              # N in 8..1000, 3 seeds (about 12 minutes)
     python benchmarks/exp1_timeseries.py --no-skorch  # the same without skorch's (slow) fit
@@ -78,6 +78,7 @@ from _common import (
     write_csv,
 )
 from sklearn.model_selection import GridSearchCV, ShuffleSplit
+from threadpoolctl import threadpool_limits
 
 from skl_transfer import GradientDescentAdapter, LayerVariationalAdapter, LayerVariationalAdapterCV
 
@@ -164,7 +165,8 @@ def main(argv=None):
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        return _run(args)
+        with threadpool_limits(args.threads, user_api="blas"):  # numpy's BLAS as torch
+            return _run(args)
     finally:
         torch.set_num_threads(threads)
 
