@@ -182,7 +182,8 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
     n_samples_seen_ : int
         Number of samples the update was computed from (summed over ``partial_fit`` calls).
     n_iter_ : int
-        Block heads only: the accepted outer steps (0 for a block of one Linear).
+        1 (one closed-form solve); for a block head, the accepted outer steps (1 for a block
+        of one Linear, a closed-form solve).
     loss_curve_ : ndarray of shape (n_iter_ + 1,)
         Block heads only: the objective (weighted squared error plus both penalties) at the
         pretrained earlier layers and after each accepted step; it never increases.
@@ -498,8 +499,8 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
             self._moments_method = self.method
             self._set_terms(None)
             return self
-        for stale in ("n_iter_", "loss_curve_"):  # a block fit's, when head changed since
-            self.__dict__.pop(stale, None)
+        self.n_iter_ = 1  # one closed-form solve
+        self.__dict__.pop("loss_curve_", None)  # a block fit's, when head changed since
         residue = None
         if perturb:
             X_source, Y_source = self._check_source(p.X, p.Y, spec, X_source, y_source)

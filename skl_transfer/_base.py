@@ -364,7 +364,9 @@ class BaseAdapter(BaseEstimator):
         )
         solver = f"variable projection ({fit.solver})" if fit.block.n_layers > 1 else "closed form"
         solution = fit.solution._replace(residue_sq=fit.objective0, solver=solver)
-        self.n_iter_, self.loss_curve_ = fit.n_iter, fit.loss_curve
+        # a block of one Linear is the one-layer fit: one closed-form solve
+        self.n_iter_ = fit.n_iter if fit.block.n_layers > 1 else 1
+        self.loss_curve_ = fit.loss_curve
         return spec, solution
 
     def _features(self, net, X, desc="features", cached=None, use_cache=True):

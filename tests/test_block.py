@@ -135,7 +135,7 @@ def test_one_layer_block_is_todays_fit():
         assert_allclose(a.coef_, b.coef_, rtol=1e-12, atol=1e-12)
         assert_allclose(a.intercept_, b.intercept_, rtol=1e-12, atol=1e-12)
         assert_allclose(a.predict(X), b.predict(X), rtol=1e-12, atol=1e-12)
-        assert a.n_iter_ == 0 and len(a.loss_curve_) == 1
+        assert a.n_iter_ == b.n_iter_ == 1 and len(a.loss_curve_) == 1
     y = rng.integers(0, 2, 120)
     a = LayerVariationalClassifier(body, nn.Sequential(head)).fit(X, y)
     b = LayerVariationalClassifier(body, head).fit(X, y)

@@ -20,6 +20,7 @@ convergence, ``max_iter`` and ``n_iter_``, and of the array API.
 """
 
 import functools
+from numbers import Integral
 
 import numpy as np
 import pytest
@@ -46,6 +47,12 @@ class AdapterRidge(LayerVariationalAdapter):
     are accepted and ignored (the adapter has one exact solver); ``positive=True`` is refused.
     ``solver_`` reports the requested solver, as the Ridge tests expect (the adapter's own
     choice, primal or dual, is in ``adapter_solver_``)."""
+
+    # Ridge's max_iter=None (its iterative solvers' default) is accepted and ignored too
+    _parameter_constraints: dict = {
+        **LayerVariationalAdapter._parameter_constraints,
+        "max_iter": [None, Integral],
+    }
 
     def __init__(
         self,
