@@ -285,6 +285,7 @@ class _Problem:
         self.b0 = np.zeros(block.n_outputs) if block.biases[-1] is None else block.biases[-1]
         self.theta0 = block.body_params()
         self.SY = self.sqrt_s[:, None] * Y
+        self._input_kernel0 = None
 
     def point(self, theta):
         """The block at ``theta`` with its last layer solved: the ridge normal equations
@@ -334,6 +335,20 @@ class _Problem:
 
     def _has_bias(self, l):
         return self.block.biases[l] is not None
+
+    def input_kernel(self, pt, l):
+        """``A_l A_l^T + 1`` (the 1 when layer l has a bias), expanded to the (i, j) rows of
+        k outputs; the first layer's input (the features) never changes, so its kernel is
+        computed once per fit."""
+        if l == 0 and self._input_kernel0 is not None:
+            return self._input_kernel0
+        KA = pt.A[l] @ pt.A[l].T + (1.0 if self._has_bias(l) else 0.0)
+        k = self.Y.shape[1]
+        if k > 1:
+            KA = np.repeat(np.repeat(KA, k, axis=0), k, axis=1)
+        if l == 0:
+            self._input_kernel0 = KA
+        return KA
 
     def jvp(self, pt, Deltas, v):
         """``J v`` as (N, k)."""
@@ -417,10 +432,7 @@ class _Problem:
             K = np.zeros((N * k, N * k))
             for l, Delta in enumerate(Deltas):
                 Dl = Delta.reshape(N * k, -1)
-                KA = pt.A[l] @ pt.A[l].T + (1.0 if self._has_bias(l) else 0.0)
-                if k > 1:
-                    KA = np.repeat(np.repeat(KA, k, axis=0), k, axis=1)
-                K += (Dl @ Dl.T) * KA
+                K += (Dl @ Dl.T) * self.input_kernel(pt, l)
 
             def Q(X):  # (N k,) -> (I - Pi) per output, flattened
                 return self.project_off(B, Minv, X.reshape(N, k)).ravel()
@@ -428,10 +440,18 @@ class _Problem:
             Kr = K.reshape(N, k * N * k)  # (I - Pi) on every column of K, output by output
             QK = (Kr - B @ (Minv @ (B.T @ Kr))).reshape(N * k, N * k)
 
+            QJg = Q(self.jvp(pt, Deltas, g).ravel())
+            diag = np.diag_indices_from(QK)
+            QK_diag = QK[diag].copy()
+
             def solve(c):
-                # (c I + J^T Q J)^{-1} = (I - J^T (c I + Q K)^{-1} Q J) / c
-                Jg = self.jvp(pt, Deltas, g).ravel()
-                x = np.linalg.solve(c * np.eye(N * k) + QK, Q(Jg))
+                # (c I + J^T Q J)^{-1} = (I - J^T (c I + Q K)^{-1} Q J) / c; the LU overwrites a
+                # copy of c I + Q K (QK itself is kept for the next damping)
+                A = QK.copy()
+                A[diag] = QK_diag + c
+                x = scipy.linalg.lu_solve(
+                    scipy.linalg.lu_factor(A, overwrite_a=True, check_finite=False), QJg
+                )
                 return -(g - self.vjp(pt, Deltas, x.reshape(N, k))) / c, "dual"
 
             return g, solve, scale
