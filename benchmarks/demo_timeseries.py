@@ -5,7 +5,7 @@ x = sin(5 pi t) and adapted to a shifted, amplified, noisy target domain by upda
 last layer with LayerVariationalAdapter. Prints the target error (sum of squared errors)
 of the pretrained and adapted networks and the fit time.
 
-    python benchmarks/demo_timeseries.py          # 5000 pretraining epochs, about 10 s on 2 idle cores
+    python benchmarks/demo_timeseries.py          # 5000 pretraining epochs, 10-60 s on 2 cores
     python benchmarks/demo_timeseries.py --quick  # 500 pretraining epochs, for a smoke test
 """
 
