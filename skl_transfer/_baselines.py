@@ -15,7 +15,7 @@ from . import _solvers
 from ._base import AdapterRegressorMixin, BaseAdapter
 from ._classifier import LogitsClassifierMixin
 from ._features import gather_features, head_outputs
-from ._torch import as_device_arrays, from_numpy, resolve_device, to_float64, to_numpy
+from ._torch import as_device_arrays, from_numpy, resolve_device, to_float64
 
 
 class _GradientDescentBase(BaseAdapter):
@@ -463,9 +463,8 @@ class GradientDescentClassifier(LogitsClassifierMixin, ClassifierMixin, _Gradien
         self : object
             Fitted estimator.
         """
-        multilabel = self.link == "sigmoid" and np.ndim(to_numpy(y)) == 2
         with self._head_resolved(X):  # head="auto": the layer found on X's first sample
-            classes, onehot = self._encode_indicator(y) if multilabel else self._encode_onehot(y)
+            classes, onehot, multilabel = self._encode_labels(y)
             self._fit_gd(X, onehot, sample_weight)
         self.classes_ = classes
         self.multilabel_ = multilabel

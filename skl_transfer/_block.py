@@ -322,16 +322,15 @@ class _Problem:
         )
 
     # -- the Jacobian's structure ------------------------------------------------------
-    def sensitivities(self, pt, rows=slice(None)):
-        """``Delta_l`` (n, k, m_{l+1}) for every earlier layer l, times sqrt(s) (rows ``rows``)."""
+    def sensitivities(self, pt):
+        """``Delta_l`` (N, k, m_{l+1}) for every earlier layer l, times sqrt(s)."""
         Ws = self.block.unpack(pt.theta)[0]
-        delta = pt.W[None, :, :] * pt.D[-1][rows, None, :]
+        delta = pt.W[None, :, :] * pt.D[-1][:, None, :]
         out = [delta]
         for l in range(len(Ws) - 1, 0, -1):
-            delta = (delta @ Ws[l]) * pt.D[l - 1][rows, None, :]
+            delta = (delta @ Ws[l]) * pt.D[l - 1][:, None, :]
             out.append(delta)
-        r = self.sqrt_s[rows, None, None]
-        return [r * d for d in out[::-1]]
+        return [self.sqrt_s[:, None, None] * d for d in out[::-1]]
 
     def _has_bias(self, l):
         return self.block.biases[l] is not None

@@ -73,6 +73,13 @@ class LogitsClassifierMixin:
             )
         return np.arange(k), Y.astype(np.float64)
 
+    def _encode_labels(self, y):
+        """``(classes, onehot, multilabel)``: a 2-D y with ``link="sigmoid"`` is a multi-label
+        indicator matrix, anything else labels one class per sample; ``onehot`` is (n, k) 0/1."""
+        multilabel = self._link == "sigmoid" and np.ndim(to_numpy(y)) == 2
+        classes, onehot = self._encode_indicator(y) if multilabel else self._encode_onehot(y)
+        return classes, onehot, multilabel
+
     def _encode_onehot(self, y):
         if y is None:
             raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y is None.")
@@ -375,8 +382,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
                 "loss='log' is the multinomial (softmax) log loss; for a head read through sigmoids "
                 "use loss='squared' with link='sigmoid'."
             )
-        multilabel = self.link == "sigmoid" and np.ndim(to_numpy(y)) == 2
-        classes, onehot, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight, multilabel)
+        classes, onehot, multilabel, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight)
         spec = p.spec
         (n, k), t0 = L0.shape, time.perf_counter()
         self.__dict__.pop("loss_curve_", None)  # a block fit's, when head changed since
@@ -425,18 +431,19 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
     def _link(self):
         return self.link
 
-    def _logit_residue(self, X, y, sample_weight, multilabel=False):
-        """Encode y, run the extractor, and return ``(classes, onehot, problem, Z, s, L0, Q)``:
-        the (n, k) 0/1 labels, the features, weights, pretrained logits and the residue of the
+    def _logit_residue(self, X, y, sample_weight):
+        """Encode y, run the extractor, and return
+        ``(classes, onehot, multilabel, problem, Z, s, L0, Q)``: the (n, k) 0/1 labels, whether y
+        was an indicator matrix, the features, weights, pretrained logits and the residue of the
         target logits."""
         with self._head_resolved(X):  # head="auto": the layer found on X's first sample
-            classes, onehot = self._encode_indicator(y) if multilabel else self._encode_onehot(y)
+            classes, onehot, multilabel = self._encode_labels(y)
             p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
         spec = p.spec
         Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
         L0 = spec.geometry.outputs(Z, spec.feature_shape, spec.W0, spec.b0)  # the pretrained logits
         Q = self._target_logits(L0, onehot, s, pretrained=spec.prior.W0 is not None) - L0
-        return classes, onehot, p, Z, s, L0, Q
+        return classes, onehot, multilabel, p, Z, s, L0, Q
 
     def _target_logits(self, L0, onehot, s, pretrained):
         """Target logits of the squared loss (see the class docstring); ``onehot`` (n, k) holds
@@ -604,8 +611,7 @@ class LayerVariationalClassifierCV(LayerVariationalClassifier):
             Fitted estimator.
         """
         alphas = check_alphas(self.alphas, self.cv)
-        multilabel = self.link == "sigmoid" and np.ndim(to_numpy(y)) == 2
-        classes, onehot, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight, multilabel)
+        classes, onehot, multilabel, p, Z, s, L0, Q = self._logit_residue(X, y, sample_weight)
         spec = p.spec
         rtol = spec.rtol(len(Z))
         hits = np.zeros((len(alphas), len(Z)))
