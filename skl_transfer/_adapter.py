@@ -116,6 +116,15 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
     tol : float, default=1e-6
         Block heads only: the steps stop when one lowers the objective by at most ``tol``
         times its value.
+    warm_start : bool, default=False
+        Block heads only: when True, ``fit`` starts from the earlier layers and the damping
+        of the previous block fit (the penalty ``alpha_body`` still pulls toward the
+        pretrained weights) and takes up to ``max_iter`` more steps; ``n_iter_`` and
+        ``loss_curve_`` describe this call's steps. On the same data and parameters, a fit
+        with ``max_iter=3`` followed by one with ``max_iter=7`` ends where one fit with
+        ``max_iter=10`` ends (unless ``tol`` stopped the first), so a validation score can
+        be read along one path of steps (GridSearchCV clones its estimator, so it refits
+        from the start instead). A previous fit of a block of other shapes is an error.
     method : {"exact", "perturb"}, default="exact"
         How the transferal residue is computed. "exact": ``Q = Y - h(Z)`` from the target
         data alone. "perturb": the first-order residue above, from target samples paired
@@ -402,6 +411,7 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         "alpha_body": [Interval(Real, 0, None, closed="left")],
         "max_iter": [Interval(Integral, 0, None, closed="left")],
         "tol": [Interval(Real, 0, None, closed="left")],
+        "warm_start": ["boolean"],
     }
 
     def __init__(
@@ -413,6 +423,7 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         alpha_body=0.0,
         max_iter=10,
         tol=1e-6,
+        warm_start=False,
         method="exact",
         fit_intercept="auto",
         batch_size=256,
@@ -426,6 +437,7 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         self.alpha_body = alpha_body
         self.max_iter = max_iter
         self.tol = tol
+        self.warm_start = warm_start
         self.method = method
         self.fit_intercept = fit_intercept
         self.batch_size = batch_size
@@ -491,7 +503,9 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
         spec = p.spec
         if isinstance(spec.geometry, BlockGeometry):
             Z, Y, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
-            spec, solution = self._fit_block(p, Z, Y, s, self.alpha, self.alpha_body, self.max_iter, self.tol)
+            spec, solution = self._fit_block(
+                p, Z, Y, s, self.alpha, self.alpha_body, self.max_iter, self.tol, self.warm_start
+            )
             self._log(f"{p.n_samples} samples, {spec.geometry.n_layers} layers, {solution.solver}: "
                       f"{self.n_iter_} steps, {time.perf_counter() - p.t0:.3f}s")  # fmt: skip
             self._store(spec, p.X, p.net, p.digest, solution)
@@ -501,6 +515,7 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
             return self
         self.n_iter_ = 1  # one closed-form solve
         self.__dict__.pop("loss_curve_", None)  # a block fit's, when head changed since
+        self.__dict__.pop("_block_start", None)
         residue = None
         if perturb:
             X_source, Y_source = self._check_source(p.X, p.Y, spec, X_source, y_source)

@@ -341,13 +341,22 @@ class BaseAdapter(BaseEstimator):
         batches = itertools.chain([first], batches)
         return Problem(X, Y, s, spec, net, batches, t0, cached)
 
-    def _fit_block(self, p, Z, Y, s, alpha, alpha_body, max_iter, tol):
+    def _fit_block(self, p, Z, Y, s, alpha, alpha_body, max_iter, tol, warm_start=False):
         """Adapt a block head (``p.spec.geometry`` a :class:`BlockGeometry`) on the features ``Z``
         and targets ``Y`` by variable projection; returns the fitted spec and the last layer's
-        :class:`Solution` for :meth:`_store`, and sets ``n_iter_`` and ``loss_curve_``."""
+        :class:`Solution` for :meth:`_store`, and sets ``n_iter_`` and ``loss_curve_``. With
+        ``warm_start``, the steps start from the previous block fit's earlier layers and damping
+        (kept in ``_block_start``) when there is one."""
         spec = p.spec
+        block = spec.geometry.block
+        start = self.__dict__.get("_block_start") if warm_start else None
+        if start is not None and (start[0], start[1].size) != (spec.geometry.signature(), block.body_params().size):
+            raise ValueError(
+                f"warm_start=True continues the previous fit's block ({start[0]}), but the head is now "
+                f"{spec.geometry.signature()}; set warm_start=False to fit this head from its pretrained weights."
+            )
         fit = fit_block(
-            spec.geometry.block,
+            block,
             Z,
             Y,
             s,
@@ -357,6 +366,7 @@ class BaseAdapter(BaseEstimator):
             max_iter,
             tol,
             spec.feature_eps,
+            start=None if start is None else start[1:],
         )
         fitted = BlockGeometry(fit.block)
         spec = dataclasses.replace(
@@ -367,6 +377,8 @@ class BaseAdapter(BaseEstimator):
         # a block of one Linear is the one-layer fit: one closed-form solve
         self.n_iter_ = fit.n_iter if fit.block.n_layers > 1 else 1
         self.loss_curve_ = fit.loss_curve
+        damping = fit.damping if fit.damping is not None else (None if start is None else start[2])
+        self._block_start = (spec.geometry.signature(), fit.block.body_params(), damping or (None, None))
         return spec, solution
 
     def _features(self, net, X, desc="features", cached=None, use_cache=True):

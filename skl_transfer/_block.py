@@ -26,8 +26,11 @@ projection of the augmented least-squares problem gives the Gauss-Newton matrix
 ``mu`` adapts itself (Nielsen's rule). The step's system is solved in the primal form (the
 ``P x P`` matrix ``G``, built from row blocks of the Jacobian) when there are no more
 parameters ``P`` than output rows ``N k``, in the dual form (the ``N k x N k`` tangent kernel,
-built from the block's structure, never the Jacobian) otherwise, and by conjugate gradients
-on Jacobian-vector products when neither matrix fits :data:`SYSTEM_MAX_ENTRIES`.
+built from the block's structure, never the Jacobian, projected on both sides by
+``(I - Pi)^{1/2}`` so that one Cholesky factorisation solves it) otherwise, and by conjugate
+gradients on Jacobian-vector products when neither matrix fits :data:`SYSTEM_MAX_ENTRIES`.
+When the first layer's input has numerical rank below its width, that layer's weight is
+solved in the input's row space (:func:`fit_block`).
 
 The Jacobian's structure: with ``A_l`` the input of layer l, ``D_l`` the derivative of the
 activation after it and ``Delta_l[i, j]`` the sensitivity of output j of sample i to layer l's
@@ -40,12 +43,13 @@ every earlier layer l, so that ``J v``, ``J^T x`` and the tangent kernel
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from . import _solvers
@@ -53,9 +57,18 @@ from ._heads import LinearGeometry, Prior, _finite_layer, make_linear
 from ._torch import from_numpy, to_float64
 
 SYSTEM_MAX_ENTRIES = 1 << 27  # a primal P x P or dual Nk x Nk system of at most 1 GiB (float64)
+ROW_SPACE_MAX_FLOPS = 1 << 33  # the SVD of the block's input (N x d) that finds its row space
 CHUNK_ENTRIES = 1 << 22  # rows of the Jacobian built at a time: at most 32 MiB
 TAU = 1.0  # the first damping, relative to the mean diagonal of G (a cautious first step)
 _MAX_REJECTED = 40  # damping increases in a row before the iteration stops (no decrease left)
+_CONTROLLER = []  # one ThreadpoolController, made on first use: making one scans the loaded libraries
+
+
+def _one_blas_thread():
+    """A context that runs BLAS and LAPACK on one thread (for small eigendecompositions)."""
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0].limit(limits=1, user_api="blas")
 
 
 def is_block(head):
@@ -250,7 +263,7 @@ def _pinv_psd(M):
             return (Linv.T @ Linv) / np.outer(scale, scale)
     except np.linalg.LinAlgError:
         pass
-    with threadpool_limits(1, user_api="blas"):
+    with _one_blas_thread():
         w, V = np.linalg.eigh(Ms)
     keep = w > max(w[-1], 0.0) * 1e-12
     V = V[:, keep] / scale[:, None]
@@ -286,6 +299,7 @@ class _Problem:
         self.theta0 = block.body_params()
         self.SY = self.sqrt_s[:, None] * Y
         self._input_kernel0 = None
+        self.n_params = self.theta0.size  # parameters the damping's scale averages over
 
     def point(self, theta):
         """The block at ``theta`` with its last layer solved: the ridge normal equations
@@ -383,6 +397,16 @@ class _Problem:
         return np.concatenate(blocks, axis=1)
 
     @staticmethod
+    def root_projection(pt):
+        """``(I - Pi)^{1/2} = I - U diag(e) U^T``: U (N, r) orthonormal and e in [0, 1], from a
+        thin QR ``B = U R`` and the eigendecomposition of ``R M^+ R^T`` (``Pi``'s nonzero
+        eigenvalues, in [0, 1]); the r x r eigendecomposition on one BLAS thread."""
+        U, R = scipy.linalg.qr(pt.B, mode="economic", check_finite=False)
+        with _one_blas_thread():
+            lam, V = np.linalg.eigh(R @ pt.Minv @ R.T)
+        return U @ V, 1.0 - np.sqrt(1.0 - np.clip(lam, 0.0, 1.0))
+
+    @staticmethod
     def project_off(B, Minv, X):
         """``(I - Pi) X`` for X of shape (N, k) (each output's column)."""
         return X - B @ (Minv @ (B.T @ X))
@@ -400,7 +424,7 @@ class _Problem:
         scale = sum(
             float((D * D).sum(axis=(1, 2)) @ ((pt.A[l] ** 2).sum(axis=1) + self._has_bias(l)))
             for l, D in enumerate(Deltas)
-        ) / max(P, 1)
+        ) / max(self.n_params, 1)
         if form is None:
             if P <= N * k and P * P <= SYSTEM_MAX_ENTRIES:
                 form = "primal"
@@ -428,30 +452,39 @@ class _Problem:
 
             return g, solve, scale
         if form == "dual":
-            K = np.zeros((N * k, N * k))
+            # (c I + J^T Q J)^{-1} = (I - Jq^T (c I + Kq)^{-1} Jq) / c with Jq = Q^{1/2} J and the
+            # projected kernel Kq = Q^{1/2} K Q^{1/2}, symmetric: one Cholesky per damping
+            K = None
             for l, Delta in enumerate(Deltas):
                 Dl = Delta.reshape(N * k, -1)
-                K += (Dl @ Dl.T) * self.input_kernel(pt, l)
+                Kl = Dl @ Dl.T
+                Kl *= self.input_kernel(pt, l)
+                if K is None:
+                    K = Kl
+                else:
+                    K += Kl
+            U, e = self.root_projection(pt)
+            Kq = _two_sided_low_rank(K, U, e, N, k)  # Fortran order, lower triangle
+            del K
 
-            def Q(X):  # (N k,) -> (I - Pi) per output, flattened
-                return self.project_off(B, Minv, X.reshape(N, k)).ravel()
+            def sqrt_q(X):  # (N, k) -> Q^{1/2} X
+                return X - U @ (e[:, None] * (U.T @ X))
 
-            Kr = K.reshape(N, k * N * k)  # (I - Pi) on every column of K, output by output
-            QK = (Kr - B @ (Minv @ (B.T @ Kr))).reshape(N * k, N * k)
-
-            QJg = Q(self.jvp(pt, Deltas, g).ravel())
-            diag = np.diag_indices_from(QK)
-            QK_diag = QK[diag].copy()
+            Jqg = sqrt_q(self.jvp(pt, Deltas, g)).ravel()
+            diag = np.diag_indices_from(Kq)
+            Kq_diag = Kq[diag].copy()
 
             def solve(c):
-                # (c I + J^T Q J)^{-1} = (I - J^T (c I + Q K)^{-1} Q J) / c; the LU overwrites a
-                # copy of c I + Q K (QK itself is kept for the next damping)
-                A = QK.copy()
-                A[diag] = QK_diag + c
-                x = scipy.linalg.lu_solve(
-                    scipy.linalg.lu_factor(A, overwrite_a=True, check_finite=False), QJg
-                )
-                return -(g - self.vjp(pt, Deltas, x.reshape(N, k))) / c, "dual"
+                A = Kq.copy(order="F")
+                A[diag] = Kq_diag + c
+                try:
+                    factor = scipy.linalg.cho_factor(A, lower=True, overwrite_a=True, check_finite=False)
+                    x = scipy.linalg.cho_solve(factor, Jqg, check_finite=False)
+                except np.linalg.LinAlgError:  # c below the rounding of Kq: not numerically definite
+                    A = Kq.copy(order="F")
+                    A[diag] = Kq_diag + c
+                    x = scipy.linalg.solve(A, Jqg, lower=True, assume_a="sym", overwrite_a=True, check_finite=False)
+                return -(g - self.vjp(pt, Deltas, sqrt_q(x.reshape(N, k)))) / c, "dual"
 
             return g, solve, scale
 
@@ -462,6 +495,28 @@ class _Problem:
             return _cg(lambda v: G_times(v) + c * v, -g), "cg"
 
         return g, solve, scale
+
+
+def _two_sided_low_rank(K, U, e, N, k):
+    """``Q K Q`` with ``Q = I - U diag(e) U^T`` acting on the sample index of both sides of a
+    symmetric K of shape (N k, N k), rows and columns ordered (sample, output); U is (N, r).
+    Returned Fortran-ordered, overwriting K, with (at least) its lower triangle correct. With
+    ``Uk = U (x) I_k`` and ``E = diag(e) (x) I_k``: ``K - Uk C^T - C Uk^T`` where
+    ``C^T = E Uk^T K - E (Uk^T K Uk) E Uk^T / 2``, as many flops as one side of the projection:
+    for k = 1 one BLAS ``syr2k`` on the lower triangle."""
+    r = U.shape[1]
+    UtK = (U.T @ K.reshape(N, k * N * k)).reshape(r, k, N, k)  # Uk^T K, rows (a, j)
+    UtKU = np.tensordot(UtK, U, axes=(2, 0)).transpose(0, 1, 3, 2)  # (r, k, r, k)
+    inner = (e[:, None, None, None] * UtKU * e[None, None, :, None]).reshape(r * k, r, k)
+    half = (inner.transpose(0, 2, 1) @ U.T).reshape(r, k, k, N).transpose(0, 1, 3, 2)
+    Ct = e[:, None, None, None] * UtK - 0.5 * half
+    F = K.T  # K's memory in Fortran order (K is symmetric)
+    if k == 1:
+        return scipy.linalg.blas.dsyr2k(-1.0, U, Ct.reshape(r, N).T, beta=1.0, c=F, lower=1, overwrite_c=1)
+    Xt = (U @ Ct.reshape(r, k * N * k)).reshape(N * k, N * k)
+    F -= Xt
+    F -= Xt.T
+    return F
 
 
 def _cg(matvec, rhs, rtol=1e-10, max_iter=None):
@@ -494,24 +549,85 @@ class BlockFit:
     n_iter: int  # accepted steps
     solver: str
     objective0: float  # the pretrained block's weighted squared error (no penalty)
+    damping: tuple | None  # (mu, nu) after the last step, for a warm start; None if no step tried
 
 
-def fit_block(block, Z, Y, s, alpha, alpha_body, fit_intercept, max_iter, tol, feature_eps=0.0, form=None):
-    """Minimise phi (module docstring) from the pretrained block by Levenberg-Marquardt steps
-    (``form``: the step's system, see :meth:`_Problem.step_system`)."""
+def row_space(A0, feature_eps=0.0):
+    """An orthonormal basis V (d, rho) of the row space of the block's input ``A0`` (N, d) when
+    its numerical rank rho is below d: singular values above ``data_rtol`` of the largest, the
+    one-layer solver's rule (``max(N, d)`` float64 epsilons, or the features' own rounding
+    ``feature_eps`` when they were computed in a lower precision). None when A0 has full
+    column rank, or when its SVD would cost more than :data:`ROW_SPACE_MAX_FLOPS`."""
+    N, d = A0.shape
+    if min(N, d) == 0 or N * d * min(N, d) > ROW_SPACE_MAX_FLOPS:
+        return None
+    _, sv, Vt = scipy.linalg.svd(A0, full_matrices=False, check_finite=False)
+    rank = int((sv > sv[0] * _solvers.data_rtol(A0.shape, feature_eps)).sum()) if sv[0] > 0 else 0
+    return Vt[:rank].T if rank < d else None
+
+
+def _reduced(block, V, ref):
+    """``block`` with its first Linear restricted to the row space V of its input: weight
+    ``W_1 V`` (m, rho); ``ref`` (the block the steps start from) fixes the directions outside,
+    which the outputs on these features do not see."""
+    return dataclasses.replace(block, weights=[ref.weights[0] @ V, *block.weights[1:]])
+
+
+def fit_block(
+    block,
+    Z,
+    Y,
+    s,
+    alpha,
+    alpha_body,
+    fit_intercept,
+    max_iter,
+    tol,
+    feature_eps=0.0,
+    form=None,
+    start=None,
+    reduce=True,
+):
+    """Minimise phi (module docstring) by Levenberg-Marquardt steps from the pretrained block, or
+    from ``start = (theta, (mu, nu))`` (a previous fit's earlier layers and damping: a warm start;
+    phi's penalty still pulls toward the pretrained block). ``form``: the step's system, see
+    :meth:`_Problem.step_system`.
+
+    When the features ``A0`` reaching the first Linear have numerical rank rho below their
+    width d (fewer samples than features, or features of low rank), its weight only acts on the
+    outputs through the row space V of A0: the steps solve the same problem for ``W_1 V``
+    (m x rho instead of m x d parameters, features ``A0 V``), which gives the same iterates as
+    the full parametrisation: its gradient and Gauss-Newton matrix vanish outside the row
+    space, so no step moves there (unless a warm start lies outside it with alpha_body > 0,
+    whose pull would move it: then the full parametrisation is kept). ``reduce=False`` keeps
+    the full parametrisation (for tests)."""
     A0 = block_input(block, Z)
     if A0.ndim != 2 or A0.shape[1] != block.d_in:
         raise ValueError(
             f"The block's first Linear takes {block.d_in} inputs, but the features after the modules "
             f"before it have shape {A0.shape[1:]}; pass the block that belongs to these features."
         )
-    prob = _Problem(block, A0, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
     H0 = hidden(block, A0)[0][-1]
-    R0 = H0 @ prob.W0.T + prob.b0 - Y
+    W_last = block.weights[-1]
+    b_last = np.zeros(block.n_outputs) if block.biases[-1] is None else block.biases[-1]
+    R0 = H0 @ W_last.T + b_last - Y
     objective0 = float(s @ (R0 * R0).sum(axis=1))
-    pt = prob.point(prob.theta0)
+    ref = block if start is None else block.with_body(start[0])  # where the steps start
+    V = row_space(A0, feature_eps) if reduce and block.n_layers > 1 else None
+    if V is not None and alpha_body > 0:  # a start with a part outside the row space: alpha_body moves it
+        change = ref.weights[0] - block.weights[0]
+        if np.linalg.norm(change - change @ V @ V.T) > 1e-10 * np.linalg.norm(change):
+            V = None
+    if V is not None:
+        prob = _Problem(_reduced(block, V, block), A0 @ V, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
+        theta = _reduced(ref, V, ref).body_params()
+    else:
+        prob = _Problem(block, A0, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
+        theta = ref.body_params()
+    prob.n_params = block.body_params().size
+    mu, nu = (None, None) if start is None else start[1]
+    pt = prob.point(theta)
     curve, n_iter, solver = [pt.objective], 0, "closed form"
-    mu = nu = None
     while prob.theta0.size and n_iter < max_iter:
         g, solve, scale = prob.step_system(pt, form)
         if mu is None:
@@ -535,8 +651,12 @@ def fit_block(block, Z, Y, s, alpha, alpha_body, fit_intercept, max_iter, tol, f
         curve.append(pt.objective)
         if decrease <= tol * pt.objective:
             break
-    fitted = block.with_body(pt.theta)
-    return BlockFit(fitted, prob.solution(pt), np.array(curve), n_iter, solver, objective0)
+    fitted = prob.block.with_body(pt.theta)
+    if V is not None:  # back to the full first layer: the start's weights outside the row space
+        W1 = ref.weights[0] + (fitted.weights[0] - ref.weights[0] @ V) @ V.T
+        fitted = dataclasses.replace(fitted, weights=[W1, *fitted.weights[1:]])
+    damping = None if mu is None else (mu, nu)
+    return BlockFit(fitted, prob.solution(pt), np.array(curve), n_iter, solver, objective0, damping)
 
 
 class BlockGeometry(LinearGeometry):

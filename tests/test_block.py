@@ -142,14 +142,24 @@ def test_one_layer_block_is_todays_fit():
     assert_allclose(a.coef_, b.coef_, rtol=1e-12, atol=1e-12)
 
 
-def test_primal_dual_and_cg_steps_are_the_same():
+@pytest.mark.parametrize("case", ["ridge", "rank-deficient"])
+def test_primal_dual_and_cg_steps_are_the_same(case):
+    """The three forms of the step's system give the same iterates: with alpha > 0, an intercept
+    and k = 2; and with alpha = 0, no intercept, k = 1 and a dead ReLU unit (features of
+    deficient rank, so that the projection is an exact projector with a null direction)."""
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    Z, Y, s = rng.normal(size=(40, 3)), rng.normal(size=(40, 2)), rng.uniform(0.5, 2, 40)
-    block = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 2)).double()
+    k = 2 if case == "ridge" else 1
+    Z, Y, s = rng.normal(size=(40, 3)), rng.normal(size=(40, k)), rng.uniform(0.5, 2, 40)
+    act = nn.GELU() if case == "ridge" else nn.ReLU()
+    block = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), act, nn.Linear(4, k)).double()
+    alpha, alpha_body, intercept = (0.1, 0.05, True) if case == "ridge" else (0.0, 0.0, False)
+    if case == "rank-deficient":
+        with torch.no_grad():
+            block[2].bias[0] = -100.0  # the first unit of the last hidden layer is always 0
     parsed = _block.parse_block(block)
     fits = {
-        f: _block.fit_block(parsed, Z, Y, s, 0.1, 0.05, True, 6, 0.0, form=f)
+        f: _block.fit_block(parsed, Z, Y, s, alpha, alpha_body, intercept, 6, 0.0, form=f)
         for f in ("primal", "dual", "cg")
     }
     for form in ("dual", "cg"):
@@ -228,3 +238,53 @@ def test_refusals_name_the_fix():
         LayerVariationalAdapter(None, nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(6, 2))).fit(Z, Y)
     with pytest.raises(ValueError, match="input features"):
         LayerVariationalAdapter(None, block).fit(rng.normal(size=(30, 3)), Y)
+
+
+def test_warm_start_continues_the_path():
+    """max_iter=3 then, warm, max_iter=4 more ends where one fit with max_iter=7 ends (the same
+    iterates: loss curves to 1e-12); a cold refit starts again; another block shape is refused."""
+    Z, block, Y, s = _problem(True, seed=2)
+    straight = LayerVariationalAdapter(None, block, alpha=0.1, max_iter=7, tol=0.0).fit(Z, Y, sample_weight=s)
+    assert straight.n_iter_ == 7
+    est = LayerVariationalAdapter(None, block, alpha=0.1, max_iter=3, tol=0.0, warm_start=True)
+    est.fit(Z, Y, sample_weight=s)
+    first = est.loss_curve_
+    est.set_params(max_iter=4).fit(Z, Y, sample_weight=s)
+    assert est.n_iter_ == 4
+    assert_allclose(np.r_[first, est.loss_curve_[1:]], straight.loss_curve_, rtol=1e-12)
+    assert_allclose(est.coef_, straight.coef_, rtol=1e-10, atol=1e-12)
+    assert_allclose(est.predict(Z), straight.predict(Z), rtol=1e-10, atol=1e-12)
+    cold = LayerVariationalAdapter(None, block, alpha=0.1, max_iter=3, tol=0.0).fit(Z, Y, sample_weight=s)
+    cold.set_params(max_iter=4).fit(Z, Y, sample_weight=s)  # warm_start=False: from the pretrained block
+    assert_allclose(cold.loss_curve_[0], straight.loss_curve_[0], rtol=1e-12)
+    wider = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 2)).double()
+    with pytest.raises(ValueError, match="warm_start=False"):
+        est.set_params(head=wider).fit(Z, Y)
+
+
+@pytest.mark.parametrize("shape", [(40, 8, 3), (6, 10, 6)])
+def test_row_space_reduction_gives_the_same_iterates(shape):
+    """Features of rank rho < d (low rank; fewer samples than features): the steps on W_1 V give
+    the full parametrisation's iterates, from the pretrained block, from a warm start inside the
+    row space, and (alpha_body = 0: nothing moves it) from one with a part outside."""
+    n, d, rank = shape
+    rng = np.random.default_rng(3)
+    torch.manual_seed(3)
+    Z = rng.normal(size=(n, rank)) @ rng.normal(size=(rank, d))
+    Y, s = rng.normal(size=(n, 2)), rng.uniform(0.5, 2, n)
+    block = nn.Sequential(nn.Linear(d, 5), nn.Tanh(), nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 2)).double()
+    parsed = _block.parse_block(block)
+    assert _block.row_space(Z).shape == (d, rank)
+    theta = parsed.body_params()
+    inside = _block.fit_block(parsed, Z, Y, s, 0.1, 0.05, True, 2, 0.0, reduce=False)
+    outside = theta + 0.1 * rng.normal(size=theta.size)
+    runs = [(None, 0.05), ((inside.block.body_params(), inside.damping), 0.05), ((outside, (0.5, 2.0)), 0.0)]
+    for start, alpha_body in runs:
+        a, b = (
+            _block.fit_block(parsed, Z, Y, s, 0.1, alpha_body, True, 5, 0.0, start=start, reduce=r)
+            for r in (True, False)
+        )
+        assert a.n_iter == b.n_iter == 5
+        assert_allclose(a.loss_curve, b.loss_curve, rtol=1e-10)
+        assert_allclose(a.block.body_params(), b.block.body_params(), atol=1e-8)
+        assert_allclose(a.solution.dWt, b.solution.dWt, atol=1e-8)
