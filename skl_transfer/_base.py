@@ -350,10 +350,11 @@ class BaseAdapter(BaseEstimator):
         spec = p.spec
         block = spec.geometry.block
         start = self.__dict__.get("_block_start") if warm_start else None
-        if start is not None and (start[0], start[1].size) != (spec.geometry.signature(), block.body_params().size):
+        now = (spec.geometry.signature(), block.body_params().size)
+        if start is not None and (start[0], start[1].size) != now:
             raise ValueError(
                 f"warm_start=True continues the previous fit's block ({start[0]}), but the head is now "
-                f"{spec.geometry.signature()}; set warm_start=False to fit this head from its pretrained weights."
+                f"{now[0]}; set warm_start=False to fit this head from its pretrained weights."
             )
         fit = fit_block(
             block,

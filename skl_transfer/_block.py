@@ -483,7 +483,9 @@ class _Problem:
                 except np.linalg.LinAlgError:  # c below the rounding of Kq: not numerically definite
                     A = Kq.copy(order="F")
                     A[diag] = Kq_diag + c
-                    x = scipy.linalg.solve(A, Jqg, lower=True, assume_a="sym", overwrite_a=True, check_finite=False)
+                    x = scipy.linalg.solve(
+                        A, Jqg, lower=True, assume_a="sym", overwrite_a=True, check_finite=False
+                    )
                 return -(g - self.vjp(pt, Deltas, sqrt_q(x.reshape(N, k)))) / c, "dual"
 
             return g, solve, scale
@@ -619,7 +621,8 @@ def fit_block(
         if np.linalg.norm(change - change @ V @ V.T) > 1e-10 * np.linalg.norm(change):
             V = None
     if V is not None:
-        prob = _Problem(_reduced(block, V, block), A0 @ V, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
+        reduced = _reduced(block, V, block)
+        prob = _Problem(reduced, A0 @ V, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
         theta = _reduced(ref, V, ref).body_params()
     else:
         prob = _Problem(block, A0, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
