@@ -88,6 +88,20 @@ def save_figure(fig, name, csv_path):
     print(f"wrote {csv_path} and {png}")
 
 
+def barh_figure(name, csv_path, labels, values, xlabel, title, line=None):
+    """A horizontal bar chart on a log x axis (first label on top), written by :func:`save_figure`."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    ax.barh(list(labels)[::-1], list(values)[::-1], color="tab:blue")
+    if line is not None:
+        ax.axvline(line, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    save_figure(fig, name, csv_path)
+
+
 def summarise(rows, value, by=("n", "method")):
     """Statistics of column ``value`` over the rows of each group of equal ``by`` columns.
 

@@ -25,10 +25,9 @@ from functools import partial
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import median_time, parser, save_figure, write_csv
+from _common import barh_figure, median_time, parser, write_csv
 from sklearn.model_selection import GridSearchCV, KFold
 from torch import nn
 
@@ -116,13 +115,10 @@ def main(argv=None):
         print(f"{r['method']:<58} {r['fit_s']:>9.2f} s  {r['over_one_fit']:>7.2f} x one fit")
     name = "bench_study_quick" if args.quick else "bench_study"
     path = write_csv(name, rows)
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    ax.barh([r["method"] for r in rows][::-1], [r["over_one_fit"] for r in rows][::-1], color="tab:blue")
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("time / one fit (log scale)")
-    ax.set_title(f"A 30-alpha x 5-fold study, {n} images, d = 256")
-    save_figure(fig, name, path)
+    barh_figure(
+        name, path, [r["method"] for r in rows], [r["over_one_fit"] for r in rows],
+        "time / one fit (log scale)", f"A 30-alpha x 5-fold study, {n} images, d = 256", line=1.0,
+    )  # fmt: skip
     return rows
 
 

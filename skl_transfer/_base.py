@@ -14,7 +14,7 @@ from numbers import Integral
 import joblib
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, RegressorMixin
+from sklearn.base import BaseEstimator, RegressorMixin, clone
 from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_feature_names, check_is_fitted, validate_data
@@ -137,6 +137,26 @@ class BaseAdapter(BaseEstimator):
     def _forward_batch_size(self):
         """Samples per forward pass of the extractor."""
         return self.batch_size
+
+    def __sklearn_clone__(self):
+        """``sklearn.base.clone`` (as GridSearchCV, cross_validate and learning_curve call it):
+        the clone shares this estimator's ``torch.nn.Module`` parameters (extractor, head)
+        instead of deep-copying them, and clones every other parameter as sklearn does. The
+        estimators only read those modules (fit works on its own frozen copy), so sharing is
+        safe, and a deep copy of a large network per candidate and fold costs more than the
+        fit itself."""
+        params = {
+            name: value if isinstance(value, torch.nn.Module) else clone(value, safe=False)
+            for name, value in self.get_params(deep=False).items()
+        }
+        new = type(self)(**params)
+        if hasattr(self, "_metadata_request"):
+            new._metadata_request = copy.deepcopy(self._metadata_request)
+        if hasattr(self, "_sklearn_output_config"):
+            new._sklearn_output_config = copy.deepcopy(self._sklearn_output_config)
+        if hasattr(self, "_skl_callbacks"):
+            new._skl_callbacks = self._skl_callbacks
+        return new
 
     # -- validation -------------------------------------------------------------------
 
@@ -310,16 +330,28 @@ class BaseAdapter(BaseEstimator):
         fit_intercept = self._resolve_fit_intercept(prior)
 
         t0 = time.perf_counter()
+        cache = self.cache if use_cache else False
+        state = None  # the extractor's state before it is copied: its copies' digests are reused
         if probed is not None:  # head="auto": the copy the layer was found (and checked) in
             net = probed[1]
+        elif self.extractor is None:
+            net = None
         else:
-            net = None if self.extractor is None else frozen_copy(self.extractor, device)
+            if cache is not False and cache is not None:
+                state = _fingerprint.state_or_none(self.extractor)
+            net = frozen_copy(self.extractor, device)
         name = self._layer_name()
         if name is not None:  # a named layer: its input is the features
             if probed is None:
                 check_called_once(net, name, input_batch(X, slice(0, 1), device, floating_dtype(net)))
             net = LayerInput(net, name)
-        cached = cached_extractor(net, X, self.cache if use_cache else False)
+        digest = None
+        if state is not None:
+            try:
+                digest = _fingerprint.copy_fingerprint(self.extractor, state, net)
+            except _fingerprint.Unkeyable:
+                pass  # cached_extractor warns and runs uncached
+        cached = cached_extractor(net, X, cache, digest)
         batches = iter(self._features(net, X, cached=cached, use_cache=use_cache))
         first = next(batches)
         feature_dtype, feature_shape = first[2], tuple(first[3])

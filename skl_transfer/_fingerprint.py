@@ -171,6 +171,10 @@ def _version(t):
 
 
 _SAMPLE_INDEX: dict = {}  # number of elements -> the sampled positions
+_NUMPY_DTYPES = {
+    torch.float16, torch.float32, torch.float64, torch.complex64, torch.complex128,
+    torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.bool,
+}  # fmt: skip
 
 
 def _sample(t):
@@ -184,6 +188,8 @@ def _sample(t):
         idx = _SAMPLE_INDEX.get(n)
         if idx is None:
             idx = _SAMPLE_INDEX[n] = torch.linspace(0, n - 1, min(n, 8), dtype=torch.float64).long()
+        if flat.device.type == "cpu" and flat.dtype in _NUMPY_DTYPES:  # numpy indexes faster
+            return flat.numpy()[idx.numpy()].tobytes()
         return _tensor_bytes(flat[idx.to(flat.device)])
     except Exception:
         return b""
@@ -626,7 +632,11 @@ def _same_refs(a, b):
 
 def fingerprint(net):
     """The :class:`Digest` of an extractor; raises :class:`Unkeyable` when part of it cannot be keyed."""
-    w = _walk(net)
+    return _hashed(_walk(net))
+
+
+def _hashed(w):
+    """The :class:`Digest` of a walked module: its stamp and every tensor's bytes hashed."""
     stamp = w.hexdigest()
     h = hashlib.blake2b(stamp.encode(), digest_size=20)
     try:
@@ -643,6 +653,57 @@ def fingerprint_state(net):
     :meth:`Digest.matches` only: whether ``net`` changes between two points."""
     w = _walk(net)
     return Digest("", w.hexdigest(), _refs(w.tensors))
+
+
+# -- copies of an unchanged module: the digest without hashing the weights again ----------------
+
+_COPIES: dict = {}  # (id(original), the copy's stamp) -> (weakref to original, its state Digest, value)
+_COPIES_MAX = 64
+
+
+COPY_MIN_BYTES = 1 << 22  # smaller extractors are hashed again: cheaper than a second walk
+
+
+def state_or_none(module):
+    """:func:`fingerprint_state` of ``module`` for :func:`copy_fingerprint`, or None when it
+    cannot be keyed or holds less than :data:`COPY_MIN_BYTES` of parameters and buffers."""
+    size = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+    if size < COPY_MIN_BYTES:
+        return None
+    try:
+        return fingerprint_state(module)
+    except Unkeyable:
+        return None
+
+
+def copy_fingerprint(original, state, copy):
+    """The :class:`Digest` of ``copy``, a private copy of ``original`` made after ``state``
+    (``state_or_none(original)``) was taken, as :func:`fingerprint` computes it, but without
+    hashing the weights when an earlier copy of ``original`` in the same state was hashed: the
+    same module object, the same tensor objects with the same version counters (which every
+    in-place write through the tensor bumps), storage pointers and sampled elements, and the
+    same code, attributes and hooks. A copy is then bit for bit the earlier copy, and so is its
+    digest. Tensors without a version counter (inference tensors) are always hashed again; a
+    write that bumps no counter (through ``.data`` or a numpy view) is seen when it changes a
+    sampled element. Raises :class:`Unkeyable` as :func:`fingerprint` does."""
+    w = _walk(copy)
+    stamp = w.hexdigest()
+    key = (id(original), stamp)
+    entry = _COPIES.get(key) if state is not None else None
+    if (
+        entry is not None
+        and entry[0]() is original
+        and entry[1]._stamp == state._stamp
+        and _same_refs(entry[1]._refs, state._refs)
+        and all(ref[1] != -1 for ref in state._refs)  # every tensor keeps a version counter
+    ):
+        return Digest(entry[2], stamp, _refs(w.tensors))
+    digest = _hashed(w)
+    if state is not None:
+        while len(_COPIES) >= _COPIES_MAX:
+            _COPIES.pop(next(iter(_COPIES)))
+        _COPIES[key] = (weakref.ref(original), state, str(digest))
+    return digest
 
 
 def still_valid(digest, net):
@@ -669,9 +730,10 @@ if hasattr(os, "register_at_fork"):
 
 
 def forget():
-    """Forget the determinism verdicts of this process (call with :func:`~skl_transfer.clear_cache`):
-    the next fit of each model probes it again."""
+    """Forget the determinism verdicts and the digests of copies of this process (call with
+    :func:`~skl_transfer.clear_cache`): the next fit of each model hashes and probes it again."""
     _VERDICTS.clear()
+    _COPIES.clear()
 
 
 def same_bits(a, b):

@@ -1,0 +1,105 @@
+"""What a fit of an unchanged extractor pays to key the feature cache, and what a search pays.
+
+A ResNet-50-shaped extractor (random weights, built here: a 7 x 7 stem and 16 bottleneck
+blocks, 150 modules, 21 M parameters; ``--quick``: a 4-layer CNN) and, timed side by side in
+one process (medians of --repeats runs):
+
+* ``copy``: the private frozen copy every fit makes (``copy.deepcopy``, eval mode, no grad);
+* ``hash``: the full digest of that copy, hashing every weight (what every fit paid before);
+* ``again``: the digest of the next fit's copy of the unchanged extractor: the extractor's
+  state (tensor objects, version counters, storage pointers, sampled elements, code,
+  attributes, hooks) checked against the first fit's, and the copy walked once, the weights
+  not hashed;
+* ``sklearn_clone``: ``sklearn.base.clone`` of an estimator holding the extractor, which
+  GridSearchCV calls once per candidate and fold (the modules are now shared, not
+  deep-copied), against ``deepcopy`` of the extractor (what it cost before).
+
+The script checks that ``again`` gives the same digest as ``hash``.
+
+    python benchmarks/bench_fingerprint.py
+    python benchmarks/bench_fingerprint.py --quick
+"""
+
+import copy
+
+import matplotlib
+
+matplotlib.use("Agg")
+import torch
+from _common import barh_figure, median_time, parser, write_csv
+from sklearn.base import clone
+from torch import nn
+
+from skl_transfer import LayerVariationalAdapter, _fingerprint
+from skl_transfer._torch import frozen_copy
+
+
+def resnet50_like():
+    """A 7 x 7 stem and ResNet-50's 3-4-6-3 bottlenecks (no skip connections: the cost of
+    keying depends on modules and tensors, not on the graph)."""
+    torch.manual_seed(0)
+    layers, c = [nn.Conv2d(3, 64, 7, stride=2, padding=3), nn.BatchNorm2d(64), nn.ReLU()], 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for _ in range(blocks):
+            layers += [
+                nn.Conv2d(c, width, 1), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU(),
+                nn.Conv2d(width, 4 * width, 1), nn.BatchNorm2d(4 * width), nn.ReLU(),
+            ]  # fmt: skip
+            c = 4 * width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    )  # fmt: skip
+
+
+def main(argv=None):
+    cli = parser(__doc__)
+    cli.add_argument("--repeats", type=int, default=5)
+    args = cli.parse_args(argv)
+    net = small_cnn() if args.quick else resnet50_like()
+    n_params = sum(p.numel() for p in net.parameters())
+    n_modules = len(list(net.modules()))
+    print(f"extractor: {n_params / 1e6:.1f} M parameters, {n_modules} modules; medians of {args.repeats}")
+    _fingerprint.forget()
+    first = frozen_copy(net, "cpu")
+    t_copy, _ = median_time(lambda: frozen_copy(net, "cpu"), args.repeats)
+    t_hash, full = median_time(lambda: _fingerprint.fingerprint(first), args.repeats)
+    state = _fingerprint.state_or_none(net)
+    _fingerprint.copy_fingerprint(net, state, first)  # the first fit: hashed and remembered
+    second = frozen_copy(net, "cpu")
+
+    def again():
+        return _fingerprint.copy_fingerprint(net, _fingerprint.state_or_none(net), second)
+
+    t_again, digest = median_time(again, args.repeats)
+    assert str(digest) == str(full), "the reused digest differs from the hashed one"
+    est = LayerVariationalAdapter(net, None)
+    t_clone, _ = median_time(lambda: clone(est), args.repeats)
+    t_deep, _ = median_time(lambda: copy.deepcopy(net), args.repeats)
+    rows = [
+        dict(step="frozen copy (every fit)", seconds=t_copy),
+        dict(step="digest, weights hashed (before)", seconds=t_hash),
+        dict(step="digest of an unchanged extractor's copy (now)", seconds=t_again),
+        dict(step="sklearn clone of the estimator (now)", seconds=t_clone),
+        dict(step="deepcopy of the extractor (clone before)", seconds=t_deep),
+    ]
+    for r in rows:
+        print(f"{r['step']:<48} {1000 * r['seconds']:9.2f} ms")
+    print(f"digest again / hashed: {t_again / t_hash:.3f}; clone now / before: {t_clone / t_deep:.4f}")
+    name = "bench_fingerprint_quick" if args.quick else "bench_fingerprint"
+    path = write_csv(name, [dict(r, parameters=n_params, modules=n_modules) for r in rows])
+    barh_figure(
+        name, path, [r["step"] for r in rows], [1000 * r["seconds"] for r in rows],
+        "ms (median, log scale)", f"Per-fit costs of keying {n_params / 1e6:.1f} M parameters",
+    )  # fmt: skip
+    return rows
+
+
+if __name__ == "__main__":
+    main()
