@@ -460,6 +460,21 @@ def test_extractor_returning_nonfinite_features():
         LayerVariationalAdapter(body).fit(X, y)
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+def test_one_nonfinite_feature_anywhere_is_refused_and_huge_finite_ones_are_not(value):
+    from skl_transfer._torch import check_finite
+
+    Z = torch.full((300, 7), 3e38, dtype=torch.float32)  # finite; their float32 sum overflows
+    assert check_finite(Z) is Z
+    Z[257, 3] = value
+    with pytest.raises(ValueError, match="NaN or infinite features"):
+        check_finite(Z)
+    Z = torch.zeros(300, 7, dtype=torch.float64)
+    Z[0, 0], Z[299, 6] = np.inf, -np.inf  # a sum of inf and -inf: NaN
+    with pytest.raises(ValueError, match="NaN or infinite features"):
+        check_finite(Z)
+
+
 def test_predict_errors():
     body, head = make_body(), make_head()
     X, y = _target(30)
