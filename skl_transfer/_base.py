@@ -339,7 +339,7 @@ class BaseAdapter(BaseEstimator):
         else:
             if cache is not False and cache is not None:
                 state = _fingerprint.state_or_none(self.extractor)
-            net = frozen_copy(self.extractor, device)
+            net = _fingerprint.shared_frozen_copy(self.extractor, device, state, frozen_copy)
         name = self._layer_name()
         if name is not None:  # a named layer: its input is the features
             if probed is None:

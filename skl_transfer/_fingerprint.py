@@ -690,20 +690,65 @@ def copy_fingerprint(original, state, copy):
     stamp = w.hexdigest()
     key = (id(original), stamp)
     entry = _COPIES.get(key) if state is not None else None
-    if (
-        entry is not None
-        and entry[0]() is original
-        and entry[1]._stamp == state._stamp
-        and _same_refs(entry[1]._refs, state._refs)
-        and all(ref[1] != -1 for ref in state._refs)  # every tensor keeps a version counter
-    ):
+    if entry is not None and _unchanged(entry[0], entry[1], original, state):
         return Digest(entry[2], stamp, _refs(w.tensors))
     digest = _hashed(w)
     if state is not None:
-        while len(_COPIES) >= _COPIES_MAX:
-            _COPIES.pop(next(iter(_COPIES)))
-        _COPIES[key] = (weakref.ref(original), state, str(digest))
+        _remember(_COPIES, _COPIES_MAX, key, (weakref.ref(original), state, str(digest)))
     return digest
+
+
+# -- frozen copies of an unchanged module share their tensors -------------------------------------
+
+# (id(original), device) -> (weakref to original, its state, {id: frozen tensor}, their refs)
+_FROZEN: dict = {}
+_FROZEN_MAX = 4  # the frozen tensors are held until evicted or forget(): a few models' weights
+
+
+_MEMO_LOCK = threading.Lock()
+
+
+def _remember(memo, size, key, value):
+    """``memo[key] = value``, the oldest entries evicted to keep at most ``size`` (thread-safe)."""
+    with _MEMO_LOCK:
+        memo.pop(key, None)
+        while len(memo) >= size:
+            memo.pop(next(iter(memo)))
+        memo[key] = value
+
+
+def _unchanged(entry_ref, entry_state, original, state):
+    """Whether ``original`` (now in ``state``) is the module an entry was made from, unchanged."""
+    return (
+        state is not None
+        and entry_ref() is original
+        and entry_state._stamp == state._stamp
+        and _same_refs(entry_state._refs, state._refs)
+        and all(ref[1] != -1 for ref in state._refs)  # every tensor keeps a version counter
+    )
+
+
+def shared_frozen_copy(original, device, state, make_copy):
+    """``make_copy(original, device, shared)`` (:func:`~skl_transfer._torch.frozen_copy`) whose
+    parameters and buffers are those of an earlier frozen copy of ``original`` on ``device``
+    when ``original`` is unchanged since then (as for :func:`copy_fingerprint`) and so are
+    those frozen tensors (their version counters, storage and sampled elements: nobody wrote
+    to a fitted ``extractor_``). The modules are new on every call (hooks stay private to a
+    fit); only the read-only weights are shared, which saves a copy of every weight per fit of
+    a search. ``state`` None: a plain copy."""
+    key = (id(original), str(device))
+    entry = _FROZEN.get(key) if state is not None else None
+    if entry is not None and _unchanged(entry[0], entry[1], original, state):
+        tensors = list(entry[2].values())
+        if _same_refs(entry[3], _refs(tensors)):
+            return make_copy(original, device, entry[2])
+    net = make_copy(original, device, None)
+    if state is not None:
+        mine = [*original.parameters(), *original.buffers()]
+        mapping = {id(a): b for a, b in zip(mine, [*net.parameters(), *net.buffers()], strict=True)}
+        frozen = _refs(list(mapping.values()))
+        _remember(_FROZEN, _FROZEN_MAX, key, (weakref.ref(original), state, mapping, frozen))
+    return net
 
 
 def still_valid(digest, net):
@@ -720,8 +765,9 @@ _WARNED: set = set()
 
 
 def _reset_after_fork():
-    global _GUARD
+    global _GUARD, _MEMO_LOCK
     _GUARD = threading.Lock()
+    _MEMO_LOCK = threading.Lock()
     _LOCKS.clear()
 
 
@@ -734,6 +780,7 @@ def forget():
     :func:`~skl_transfer.clear_cache`): the next fit of each model hashes and probes it again."""
     _VERDICTS.clear()
     _COPIES.clear()
+    _FROZEN.clear()
 
 
 def same_bits(a, b):

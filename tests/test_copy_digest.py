@@ -107,3 +107,33 @@ def test_tensors_without_version_counters_are_always_hashed(hashed):
     for _ in range(2):
         LayerVariationalAdapter(body, head).fit(X, y)
     assert len(hashed) == 2
+
+
+def test_fits_of_an_unchanged_extractor_share_its_frozen_weights(hashed):
+    """The private copies of later fits take the first copy's frozen tensors (not copied again),
+    in modules of their own; a write to a fitted ``extractor_`` or to the user's module ends
+    the sharing, and the features stay those of a fit with the cache off."""
+    body = Scaled()
+    head = nn.Linear(8, 1, dtype=torch.float64)
+    X, y = _data()
+    first = LayerVariationalAdapter(body, head).fit(X, y)
+    second = LayerVariationalAdapter(body, head).fit(X, y)
+    assert second.extractor_ is not first.extractor_
+    assert second.extractor_.lin.weight is first.extractor_.lin.weight
+    assert second.extractor_.shift is first.extractor_.shift
+    assert body.lin.weight is not first.extractor_.lin.weight  # never the user's tensors
+    assert not second.extractor_.lin.weight.requires_grad and not second.extractor_.training
+
+    with torch.no_grad():
+        first.extractor_.lin.weight.mul_(2.0)  # a write to a fitted attribute
+    third = LayerVariationalAdapter(body, head).fit(X, y)
+    assert third.extractor_.lin.weight is not first.extractor_.lin.weight
+    oracle = LayerVariationalAdapter(body, head, cache=False).fit(X, y)
+    assert_allclose(third.coef_, oracle.coef_, rtol=1e-12)
+    assert_allclose(third.predict(X), oracle.predict(X), rtol=1e-12)
+
+    _change(body, "in place")
+    fourth = LayerVariationalAdapter(body, head).fit(X, y)
+    assert fourth.extractor_.lin.weight is not third.extractor_.lin.weight
+    oracle = LayerVariationalAdapter(body, head, cache=False).fit(X, y)
+    assert_allclose(fourth.coef_, oracle.coef_, rtol=1e-12)
