@@ -661,7 +661,7 @@ _COPIES: dict = {}  # (id(original), the copy's stamp) -> (weakref to original, 
 _COPIES_MAX = 64
 
 
-COPY_MIN_BYTES = 1 << 22  # smaller extractors are hashed again: cheaper than a second walk
+COPY_MIN_BYTES = 1 << 20  # smaller extractors are copied and hashed again: as cheap as a second walk
 
 
 def state_or_none(module):
