@@ -4,7 +4,9 @@ A ResNet-50-shaped extractor (random weights, built here: a 7 x 7 stem and 16 bo
 blocks, 150 modules, 21 M parameters; ``--quick``: a 4-layer CNN) and, timed side by side in
 one process (medians of --repeats runs):
 
-* ``copy``: the private frozen copy every fit makes (``copy.deepcopy``, eval mode, no grad);
+* ``copy``: the private frozen copy every fit made (``copy.deepcopy``, eval mode, no grad);
+* ``shared``: the next fit's copy of the unchanged extractor (its state checked as below):
+  new modules holding the first copy's frozen weights;
 * ``hash``: the full digest of that copy, hashing every weight (what every fit paid before);
 * ``again``: the digest of the next fit's copy of the unchanged extractor: the extractor's
   state (tensor objects, version counters, storage pointers, sampled elements, code,
@@ -78,12 +80,21 @@ def main(argv=None):
         return _fingerprint.copy_fingerprint(net, _fingerprint.state_or_none(net), second)
 
     t_again, digest = median_time(again, args.repeats)
+    _fingerprint.shared_frozen_copy(net, "cpu", state, frozen_copy)  # the first fit's copy, remembered
+    t_shared, shared = median_time(
+        lambda: _fingerprint.shared_frozen_copy(net, "cpu", _fingerprint.state_or_none(net), frozen_copy),
+        args.repeats,
+    )
+    if state is not None:
+        again_copy = _fingerprint.shared_frozen_copy(net, "cpu", state, frozen_copy)
+        assert next(shared.parameters()) is next(again_copy.parameters()), "the copies share no weights"
     assert str(digest) == str(full), "the reused digest differs from the hashed one"
     est = LayerVariationalAdapter(net, None)
     t_clone, _ = median_time(lambda: clone(est), args.repeats)
     t_deep, _ = median_time(lambda: copy.deepcopy(net), args.repeats)
     rows = [
-        dict(step="frozen copy (every fit)", seconds=t_copy),
+        dict(step="frozen copy (every fit before)", seconds=t_copy),
+        dict(step="frozen copy of an unchanged extractor (now)", seconds=t_shared),
         dict(step="digest, weights hashed (before)", seconds=t_hash),
         dict(step="digest of an unchanged extractor's copy (now)", seconds=t_again),
         dict(step="sklearn clone of the estimator (now)", seconds=t_clone),
@@ -91,7 +102,10 @@ def main(argv=None):
     ]
     for r in rows:
         print(f"{r['step']:<48} {1000 * r['seconds']:9.2f} ms")
-    print(f"digest again / hashed: {t_again / t_hash:.3f}; clone now / before: {t_clone / t_deep:.4f}")
+    print(
+        f"digest again / hashed: {t_again / t_hash:.3f}; copy now / before: {t_shared / t_copy:.3f}; "
+        f"clone now / before: {t_clone / t_deep:.4f}"
+    )
     name = "bench_fingerprint_quick" if args.quick else "bench_fingerprint"
     path = write_csv(name, [dict(r, parameters=n_params, modules=n_modules) for r in rows])
     barh_figure(
