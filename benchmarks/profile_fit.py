@@ -8,8 +8,8 @@ cumulative times of the functions that do them, divided by the number of fits:
 
 * validation: ``_validate_X`` and ``check_sample_weight`` (X, y and weights checked);
 * copy: ``frozen_copy`` (the private copy of the extractor);
-* key: the extractor's digest and its determinism probe (``fingerprint``, ``copy_fingerprint``,
-  ``_probe``) and the input rows' keys (``row_keys``);
+* key: the extractor's digest and its determinism probe (``fingerprint``, ``_probe``) and the
+  input rows' keys (``row_keys``);
 * input: ``input_batch`` (rows of X to tensors);
 * forward: ``forward`` (the extractor on each batch);
 * finite check: ``check_finite`` on each batch of features;
@@ -45,8 +45,6 @@ STEPS = {
     "copy": [("_torch.py", "frozen_copy")],
     "key": [
         ("_fingerprint.py", "fingerprint"),
-        ("_fingerprint.py", "copy_fingerprint"),
-        ("_fingerprint.py", "state_or_none"),
         ("_features.py", "_probe"),
         ("_cache.py", "row_keys"),
     ],

@@ -330,28 +330,16 @@ class BaseAdapter(BaseEstimator):
         fit_intercept = self._resolve_fit_intercept(prior)
 
         t0 = time.perf_counter()
-        cache = self.cache if use_cache else False
-        state = None  # the extractor's state before it is copied: its copies' digests are reused
         if probed is not None:  # head="auto": the copy the layer was found (and checked) in
             net = probed[1]
-        elif self.extractor is None:
-            net = None
         else:
-            if cache is not False and cache is not None:
-                state = _fingerprint.state_or_none(self.extractor)
-            net = _fingerprint.shared_frozen_copy(self.extractor, device, state, frozen_copy)
+            net = None if self.extractor is None else frozen_copy(self.extractor, device)
         name = self._layer_name()
         if name is not None:  # a named layer: its input is the features
             if probed is None:
                 check_called_once(net, name, input_batch(X, slice(0, 1), device, floating_dtype(net)))
             net = LayerInput(net, name)
-        digest = None
-        if state is not None:
-            try:
-                digest = _fingerprint.copy_fingerprint(self.extractor, state, net)
-            except _fingerprint.Unkeyable:
-                pass  # cached_extractor warns and runs uncached
-        cached = cached_extractor(net, X, cache, digest)
+        cached = cached_extractor(net, X, self.cache if use_cache else False)
         batches = iter(self._features(net, X, cached=cached, use_cache=use_cache))
         first = next(batches)
         feature_dtype, feature_shape = first[2], tuple(first[3])

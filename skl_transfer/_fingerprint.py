@@ -632,11 +632,7 @@ def _same_refs(a, b):
 
 def fingerprint(net):
     """The :class:`Digest` of an extractor; raises :class:`Unkeyable` when part of it cannot be keyed."""
-    return _hashed(_walk(net))
-
-
-def _hashed(w):
-    """The :class:`Digest` of a walked module: its stamp and every tensor's bytes hashed."""
+    w = _walk(net)
     stamp = w.hexdigest()
     h = hashlib.blake2b(stamp.encode(), digest_size=20)
     try:
@@ -655,102 +651,6 @@ def fingerprint_state(net):
     return Digest("", w.hexdigest(), _refs(w.tensors))
 
 
-# -- copies of an unchanged module: the digest without hashing the weights again ----------------
-
-_COPIES: dict = {}  # (id(original), the copy's stamp) -> (weakref to original, its state Digest, value)
-_COPIES_MAX = 64
-
-
-COPY_MIN_BYTES = 1 << 20  # smaller extractors are copied and hashed again: as cheap as a second walk
-
-
-def state_or_none(module):
-    """:func:`fingerprint_state` of ``module`` for :func:`copy_fingerprint`, or None when it
-    cannot be keyed or holds less than :data:`COPY_MIN_BYTES` of parameters and buffers."""
-    size = sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
-    if size < COPY_MIN_BYTES:
-        return None
-    try:
-        return fingerprint_state(module)
-    except Unkeyable:
-        return None
-
-
-def copy_fingerprint(original, state, copy):
-    """The :class:`Digest` of ``copy``, a private copy of ``original`` made after ``state``
-    (``state_or_none(original)``) was taken, as :func:`fingerprint` computes it, but without
-    hashing the weights when an earlier copy of ``original`` in the same state was hashed: the
-    same module object, the same tensor objects with the same version counters (which every
-    in-place write through the tensor bumps), storage pointers and sampled elements, and the
-    same code, attributes and hooks. A copy is then bit for bit the earlier copy, and so is its
-    digest. Tensors without a version counter (inference tensors) are always hashed again; a
-    write that bumps no counter (through ``.data`` or a numpy view) is seen when it changes a
-    sampled element. Raises :class:`Unkeyable` as :func:`fingerprint` does."""
-    w = _walk(copy)
-    stamp = w.hexdigest()
-    key = (id(original), stamp)
-    entry = _COPIES.get(key) if state is not None else None
-    if entry is not None and _unchanged(entry[0], entry[1], original, state):
-        return Digest(entry[2], stamp, _refs(w.tensors))
-    digest = _hashed(w)
-    if state is not None:
-        _remember(_COPIES, _COPIES_MAX, key, (weakref.ref(original), state, str(digest)))
-    return digest
-
-
-# -- frozen copies of an unchanged module share their tensors -------------------------------------
-
-# (id(original), device) -> (weakref to original, its state, {id: frozen tensor}, their refs)
-_FROZEN: dict = {}
-_FROZEN_MAX = 4  # the frozen tensors are held until evicted or forget(): a few models' weights
-
-
-_MEMO_LOCK = threading.Lock()
-
-
-def _remember(memo, size, key, value):
-    """``memo[key] = value``, the oldest entries evicted to keep at most ``size`` (thread-safe)."""
-    with _MEMO_LOCK:
-        memo.pop(key, None)
-        while len(memo) >= size:
-            memo.pop(next(iter(memo)))
-        memo[key] = value
-
-
-def _unchanged(entry_ref, entry_state, original, state):
-    """Whether ``original`` (now in ``state``) is the module an entry was made from, unchanged."""
-    return (
-        state is not None
-        and entry_ref() is original
-        and entry_state._stamp == state._stamp
-        and _same_refs(entry_state._refs, state._refs)
-        and all(ref[1] != -1 for ref in state._refs)  # every tensor keeps a version counter
-    )
-
-
-def shared_frozen_copy(original, device, state, make_copy):
-    """``make_copy(original, device, shared)`` (:func:`~skl_transfer._torch.frozen_copy`) whose
-    parameters and buffers are those of an earlier frozen copy of ``original`` on ``device``
-    when ``original`` is unchanged since then (as for :func:`copy_fingerprint`) and so are
-    those frozen tensors (their version counters, storage and sampled elements: nobody wrote
-    to a fitted ``extractor_``). The modules are new on every call (hooks stay private to a
-    fit); only the read-only weights are shared, which saves a copy of every weight per fit of
-    a search. ``state`` None: a plain copy."""
-    key = (id(original), str(device))
-    entry = _FROZEN.get(key) if state is not None else None
-    if entry is not None and _unchanged(entry[0], entry[1], original, state):
-        tensors = list(entry[2].values())
-        if _same_refs(entry[3], _refs(tensors)):
-            return make_copy(original, device, entry[2])
-    net = make_copy(original, device, None)
-    if state is not None:
-        mine = [*original.parameters(), *original.buffers()]
-        mapping = {id(a): b for a, b in zip(mine, [*net.parameters(), *net.buffers()], strict=True)}
-        frozen = _refs(list(mapping.values()))
-        _remember(_FROZEN, _FROZEN_MAX, key, (weakref.ref(original), state, mapping, frozen))
-    return net
-
-
 def still_valid(digest, net):
     """Whether ``digest`` is a :class:`Digest` that ``net`` still matches."""
     return isinstance(digest, Digest) and digest.matches(net)
@@ -765,9 +665,8 @@ _WARNED: set = set()
 
 
 def _reset_after_fork():
-    global _GUARD, _MEMO_LOCK
+    global _GUARD
     _GUARD = threading.Lock()
-    _MEMO_LOCK = threading.Lock()
     _LOCKS.clear()
 
 
@@ -776,11 +675,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def forget():
-    """Forget the determinism verdicts and the digests of copies of this process (call with
-    :func:`~skl_transfer.clear_cache`): the next fit of each model hashes and probes it again."""
+    """Forget the determinism verdicts of this process (call with :func:`~skl_transfer.clear_cache`):
+    the next fit of each model probes it again."""
     _VERDICTS.clear()
-    _COPIES.clear()
-    _FROZEN.clear()
 
 
 def same_bits(a, b):

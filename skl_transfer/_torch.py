@@ -64,16 +64,14 @@ def resolve_device(device):
     return dev
 
 
-def frozen_copy(module, device, shared=None):
+def frozen_copy(module, device):
     """A private copy of ``module`` on ``device``, in eval mode, with gradients off.
 
     The user's module is only read (deep-copied): its weights, training flag, device,
-    dtype and requires_grad flags stay as they were. ``shared`` maps ``id`` of tensors of
-    ``module`` to frozen tensors (of an earlier copy, on ``device``) that the copy takes instead
-    of copying them.
+    dtype and requires_grad flags stay as they were.
     """
     try:
-        net = copy.deepcopy(module, dict(shared or {}))
+        net = copy.deepcopy(module)
     except Exception as err:
         raise ValueError(
             f"Could not copy the extractor {type(module).__name__} ({err}); the estimator works on "
