@@ -42,8 +42,10 @@ every earlier layer l, so that ``J v``, ``J^T x`` and the tangent kernel
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,14 +63,32 @@ ROW_SPACE_MAX_FLOPS = 1 << 33  # the SVD of the block's input (N x d) that finds
 CHUNK_ENTRIES = 1 << 22  # rows of the Jacobian built at a time: at most 32 MiB
 TAU = 1.0  # the first damping, relative to the mean diagonal of G (a cautious first step)
 _MAX_REJECTED = 40  # damping increases in a row before the iteration stops (no decrease left)
-_CONTROLLER = []  # one ThreadpoolController, made on first use: making one scans the loaded libraries
+_LIMIT = {"controller": None, "depth": 0, "limiter": None}  # the one-BLAS-thread context's state
+_LIMIT_LOCK = threading.Lock()
 
 
+@contextlib.contextmanager
 def _one_blas_thread():
-    """A context that runs BLAS and LAPACK on one thread (for small eigendecompositions)."""
-    if not _CONTROLLER:
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0].limit(limits=1, user_api="blas")
+    """A context that runs BLAS and LAPACK on one thread (for small eigendecompositions).
+
+    The limit is process-wide, so the contexts of several threads (GridSearchCV's threading
+    backend) share one: the first to enter sets it and the last to leave restores the
+    original, whatever their order. One ThreadpoolController is made on first use (making one
+    scans the loaded libraries, which per call cost more than the eigendecomposition)."""
+    with _LIMIT_LOCK:
+        if _LIMIT["controller"] is None:
+            _LIMIT["controller"] = ThreadpoolController()
+        if _LIMIT["depth"] == 0:
+            _LIMIT["limiter"] = _LIMIT["controller"].limit(limits=1, user_api="blas")
+        _LIMIT["depth"] += 1
+    try:
+        yield
+    finally:
+        with _LIMIT_LOCK:
+            _LIMIT["depth"] -= 1
+            if _LIMIT["depth"] == 0:
+                _LIMIT["limiter"].restore_original_limits()
+                _LIMIT["limiter"] = None
 
 
 def is_block(head):

@@ -288,3 +288,21 @@ def test_row_space_reduction_gives_the_same_iterates(shape):
         assert_allclose(a.loss_curve, b.loss_curve, rtol=1e-10)
         assert_allclose(a.block.body_params(), b.block.body_params(), atol=1e-8)
         assert_allclose(a.solution.dWt, b.solution.dWt, atol=1e-8)
+
+
+def test_one_blas_thread_contexts_of_several_threads_restore_the_limit():
+    """Contexts entered A, B and left A, B (two threads' steps overlapping) restore BLAS's
+    thread count once both have left, and hold it at one while either is inside."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+    before = blas_threads()
+    a, b = _block._one_blas_thread(), _block._one_blas_thread()
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    assert blas_threads() == [1]
+    b.__exit__(None, None, None)
+    assert blas_threads() == before
