@@ -42,16 +42,13 @@ every earlier layer l, so that ``J v``, ``J^T x`` and the tangent kernel
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
-import threading
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
 import torch
-from threadpoolctl import ThreadpoolController
 from torch import nn
 
 from . import _solvers
@@ -63,32 +60,6 @@ ROW_SPACE_MAX_FLOPS = 1 << 33  # the SVD of the block's input (N x d) that finds
 CHUNK_ENTRIES = 1 << 22  # rows of the Jacobian built at a time: at most 32 MiB
 TAU = 1.0  # the first damping, relative to the mean diagonal of G (a cautious first step)
 _MAX_REJECTED = 40  # damping increases in a row before the iteration stops (no decrease left)
-_LIMIT = {"controller": None, "depth": 0, "limiter": None}  # the one-BLAS-thread context's state
-_LIMIT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _one_blas_thread():
-    """A context that runs BLAS and LAPACK on one thread (for small eigendecompositions).
-
-    The limit is process-wide, so the contexts of several threads (GridSearchCV's threading
-    backend) share one: the first to enter sets it and the last to leave restores the
-    original, whatever their order. One ThreadpoolController is made on first use (making one
-    scans the loaded libraries, which per call cost more than the eigendecomposition)."""
-    with _LIMIT_LOCK:
-        if _LIMIT["controller"] is None:
-            _LIMIT["controller"] = ThreadpoolController()
-        if _LIMIT["depth"] == 0:
-            _LIMIT["limiter"] = _LIMIT["controller"].limit(limits=1, user_api="blas")
-        _LIMIT["depth"] += 1
-    try:
-        yield
-    finally:
-        with _LIMIT_LOCK:
-            _LIMIT["depth"] -= 1
-            if _LIMIT["depth"] == 0:
-                _LIMIT["limiter"].restore_original_limits()
-                _LIMIT["limiter"] = None
 
 
 def is_block(head):
@@ -283,7 +254,7 @@ def _pinv_psd(M):
             return (Linv.T @ Linv) / np.outer(scale, scale)
     except np.linalg.LinAlgError:
         pass
-    with _one_blas_thread():
+    with _solvers.one_blas_thread():
         w, V = np.linalg.eigh(Ms)
     keep = w > max(w[-1], 0.0) * 1e-12
     V = V[:, keep] / scale[:, None]
@@ -422,7 +393,7 @@ class _Problem:
         thin QR ``B = U R`` and the eigendecomposition of ``R M^+ R^T`` (``Pi``'s nonzero
         eigenvalues, in [0, 1]); the r x r eigendecomposition on one BLAS thread."""
         U, R = scipy.linalg.qr(pt.B, mode="economic", check_finite=False)
-        with _one_blas_thread():
+        with _solvers.one_blas_thread():
             lam, V = np.linalg.eigh(R @ pt.Minv @ R.T)
         return U @ V, 1.0 - np.sqrt(1.0 - np.clip(lam, 0.0, 1.0))
 

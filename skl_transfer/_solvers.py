@@ -21,11 +21,15 @@ least-squares solution, ``pinv(Z) Q`` for a bias-free head (the paper's formula)
 
 from __future__ import annotations
 
+import contextlib
+import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
 from scipy import linalg
 from scipy.linalg import lapack
+from threadpoolctl import ThreadpoolController
 
 
 class Moments(NamedTuple):
@@ -167,6 +171,48 @@ def _active(A, floor):
     return np.flatnonzero(dg > (0.0 if floor is None else np.maximum(floor, 0.0)))
 
 
+_LIMIT = {"controller": None, "depth": 0, "limiter": None}  # the one-BLAS-thread context's state
+_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def one_blas_thread():
+    """A context that runs BLAS and LAPACK on one thread (for small decompositions: OpenBLAS's
+    threaded ``syevd`` and ``gesdd`` gain nothing below a few hundred rows and, with torch's
+    threads still spinning after a forward pass, take two to three times longer).
+
+    The limit is process-wide, so the contexts of several threads (GridSearchCV's threading
+    backend) share one: the first to enter sets it and the last to leave restores the
+    original, whatever their order. One ThreadpoolController is made on first use (making one
+    scans the loaded libraries, which per call cost more than the eigendecomposition)."""
+    with _LIMIT_LOCK:
+        if _LIMIT["controller"] is None:
+            _LIMIT["controller"] = ThreadpoolController()
+        if _LIMIT["depth"] == 0:
+            _LIMIT["limiter"] = _LIMIT["controller"].limit(limits=1, user_api="blas")
+        _LIMIT["depth"] += 1
+    try:
+        yield
+    finally:
+        with _LIMIT_LOCK:
+            _LIMIT["depth"] -= 1
+            if _LIMIT["depth"] == 0:
+                _LIMIT["limiter"].restore_original_limits()
+                _LIMIT["limiter"] = None
+
+
+def _reset_limit_after_fork():
+    global _LIMIT_LOCK
+    _LIMIT_LOCK = threading.Lock()  # a fork while another thread held it leaves it held in the child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_limit_after_fork)
+
+
+SMALL_DECOMPOSITION = 384  # spectral decompositions of at most this order run on one BLAS thread
+
+
 def spectral(A, rtol=None, floor=None):
     """Scale-invariant eigendecomposition of a symmetric positive semi-definite Gram matrix.
 
@@ -190,12 +236,14 @@ def spectral(A, rtol=None, floor=None):
         return Spectral(np.zeros(0), np.zeros((n, 0)), np.zeros(0, dtype=bool))
     h = np.sqrt(np.diag(A)[idx])
     At = A[np.ix_(idx, idx)] / h[:, None] / h[None, :]
-    E, V = linalg.eigh(At, check_finite=False)
-    E = np.clip(E, 0.0, None)
-    keep = E > rtol * E[-1] if E[-1] > 0 else np.zeros(E.shape, dtype=bool)
-    F = h[:, None] * (V[:, keep] * np.sqrt(E[keep]))
-    order = np.argsort(-h)  # rows in decreasing scale: Householder steps then keep the grading
-    U, sig, _ = linalg.svd(F[order], full_matrices=False, check_finite=False)
+    small = one_blas_thread() if idx.size <= SMALL_DECOMPOSITION else contextlib.nullcontext()
+    with small:
+        E, V = linalg.eigh(At, check_finite=False)
+        E = np.clip(E, 0.0, None)
+        keep = E > rtol * E[-1] if E[-1] > 0 else np.zeros(E.shape, dtype=bool)
+        F = h[:, None] * (V[:, keep] * np.sqrt(E[keep]))
+        order = np.argsort(-h)  # rows in decreasing scale: Householder steps then keep the grading
+        U, sig, _ = linalg.svd(F[order], full_matrices=False, check_finite=False)
     Vfull = np.zeros((n, sig.size))
     Vfull[idx[order]] = U
     e = sig**2

@@ -21,6 +21,7 @@ from skl_transfer import (
     LayerVariationalClassifier,
     LayerVariationalClassifierCV,
     _block,
+    _solvers,
 )
 
 
@@ -299,7 +300,7 @@ def test_one_blas_thread_contexts_of_several_threads_restore_the_limit():
         return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
 
     before = blas_threads()
-    a, b = _block._one_blas_thread(), _block._one_blas_thread()
+    a, b = _solvers.one_blas_thread(), _solvers.one_blas_thread()
     a.__enter__()
     b.__enter__()
     a.__exit__(None, None, None)

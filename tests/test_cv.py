@@ -174,3 +174,25 @@ def test_splitter_whose_train_is_not_the_complement_of_test_equals_grid_search()
         LayerVariationalAdapter(), {"alpha": alphas}, cv=cv, scoring="neg_mean_squared_error"
     ).fit(Z, y)
     assert_allclose(est.cv_results_["mean_test_score"], grid.cv_results_["mean_test_score"], rtol=1e-10)
+
+
+def test_fast_regression_scores_equal_sklearns():
+    """The CV's direct R^2 and negative MSE equal sklearn's metrics (1-D and 2-D targets, with
+    and without weights); sklearn's special cases (a constant output, one sample) fall back."""
+    from sklearn.metrics import mean_squared_error, r2_score
+
+    from skl_transfer._cv import _fast_neg_mse, _fast_r2
+
+    rng = np.random.default_rng(0)
+    for shape in [(40,), (40, 3)]:
+        y, pred, w = rng.normal(size=shape), rng.normal(size=shape), rng.uniform(0.1, 2, 40)
+        for weights in (None, w):
+            ref = r2_score(y, pred, sample_weight=weights)
+            assert np.isclose(_fast_r2(y, pred, weights), ref, rtol=1e-12)
+            ref = -mean_squared_error(y, pred, sample_weight=weights)
+            assert np.isclose(_fast_neg_mse(y, pred, weights), ref, rtol=1e-12)
+    constant = np.ones((10, 2))
+    constant[:, 1] = rng.normal(size=10)
+    assert _fast_r2(constant, rng.normal(size=(10, 2)), None) is None
+    assert _fast_r2(np.ones(1), np.zeros(1), None) is None
+    assert _fast_neg_mse(np.ones(3), np.zeros(3), np.zeros(3)) is None
