@@ -398,8 +398,8 @@ class BaseAdapter(BaseEstimator):
         # a block of one Linear is the one-layer fit: one closed-form solve
         self.n_iter_ = fit.n_iter if fit.block.n_layers > 1 else 1
         self.loss_curve_ = fit.loss_curve
-        damping = fit.damping if fit.damping is not None else (None if start is None else start[2])
-        self._block_start = (spec.geometry.signature(), fit.block.body_params(), damping or (None, None))
+        # fit.damping is None only when no step was ever tried (nor by the fit it continued)
+        self._block_start = (spec.geometry.signature(), fit.block.body_params(), fit.damping or (None, None))
         return spec, solution
 
     def _features(self, net, X, desc="features", cached=None, use_cache=True):

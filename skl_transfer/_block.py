@@ -600,25 +600,20 @@ def fit_block(
             f"The block's first Linear takes {block.d_in} inputs, but the features after the modules "
             f"before it have shape {A0.shape[1:]}; pass the block that belongs to these features."
         )
-    H0 = hidden(block, A0)[0][-1]
-    W_last = block.weights[-1]
-    b_last = np.zeros(block.n_outputs) if block.biases[-1] is None else block.biases[-1]
-    R0 = H0 @ W_last.T + b_last - Y
-    objective0 = float(s @ (R0 * R0).sum(axis=1))
     ref = block if start is None else block.with_body(start[0])  # where the steps start
     V = row_space(A0, feature_eps) if reduce and block.n_layers > 1 else None
     if V is not None and alpha_body > 0:  # a start with a part outside the row space: alpha_body moves it
         change = ref.weights[0] - block.weights[0]
         if np.linalg.norm(change - change @ V @ V.T) > 1e-10 * np.linalg.norm(change):
             V = None
-    if V is not None:
-        reduced = _reduced(block, V, block)
-        prob = _Problem(reduced, A0 @ V, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
-        theta = _reduced(ref, V, ref).body_params()
+    if V is None:
+        solved, A_solved, theta = block, A0, ref.body_params()
     else:
-        prob = _Problem(block, A0, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
-        theta = ref.body_params()
+        solved, A_solved, theta = _reduced(block, V, block), A0 @ V, _reduced(ref, V, ref).body_params()
+    prob = _Problem(solved, A_solved, Y, s, alpha, alpha_body, fit_intercept, feature_eps)
     prob.n_params = block.body_params().size
+    R0 = hidden(block, A0)[0][-1] @ prob.W0.T + prob.b0 - Y  # the pretrained block's residual
+    objective0 = float(s @ (R0 * R0).sum(axis=1))
     mu, nu = (None, None) if start is None else start[1]
     pt = prob.point(theta)
     curve, n_iter, solver = [pt.objective], 0, "closed form"
