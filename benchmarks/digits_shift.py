@@ -13,7 +13,6 @@ GradientDescentClassifier (Adam, full batch).
     python benchmarks/digits_shift.py --shift rotate
 """
 
-import time
 from functools import partial
 
 import matplotlib
@@ -22,9 +21,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
-from _common import digit_images, digits_cnn, median_time, parser, pretrain, save_figure, summarise, write_csv
+from _common import (
+    digit_images,
+    median_time,
+    parser,
+    pretrained_digits_cnn,
+    save_figure,
+    summarise,
+    write_csv,
+)
 from scipy.ndimage import gaussian_filter
-from torch import nn
 
 from skl_transfer import GradientDescentClassifier, LayerVariationalClassifier
 
@@ -59,18 +65,7 @@ def main(argv=None):
     split = np.random.default_rng(0).permutation(len(X))
     source, target = split[:900], split[900:]  # disjoint images for the two domains
 
-    t0 = time.perf_counter()
-    net, _ = pretrain(
-        digits_cnn(),
-        X[source],
-        y[source],
-        epochs=150 if args.quick else 300,
-        lr=1e-2,
-        loss=nn.functional.cross_entropy,
-        name=None if args.quick else "digits_cnn",
-    )
-    net.eval()
-    print(f"pretrained on {len(source)} clean digits ({time.perf_counter() - t0:.1f} s)")
+    net = pretrained_digits_cnn(X[source], y[source], args.quick)
     body, head = net[:-1], net[-1]
 
     Xt, yt, pool, test, acc_source, acc_pre = target_domain(net, X[target], y[target], args.shift)

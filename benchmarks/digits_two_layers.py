@@ -28,7 +28,6 @@ on 2 cores shared with another job, two threads made this script's quick mode 3 
 idle cores they gained little (LVA-2's fit on 200 images: 2.8 s against 3.1 s).
 """
 
-import time
 from functools import partial
 
 import matplotlib
@@ -39,11 +38,10 @@ import numpy as np
 import torch
 from _common import (
     digit_images,
-    digits_cnn,
     fit_gd_block,
     median_time,
     parser,
-    pretrain,
+    pretrained_digits_cnn,
     save_figure,
     summarise,
     write_csv,
@@ -113,18 +111,7 @@ def run(args):
     split = np.random.default_rng(0).permutation(len(X))
     source, target = split[:900], split[900:]  # disjoint images for the two domains
 
-    t0 = time.perf_counter()
-    net, _ = pretrain(
-        digits_cnn(hidden=64),
-        X[source],
-        y[source],
-        epochs=150 if args.quick else 300,
-        lr=1e-2,
-        loss=nn.functional.cross_entropy,
-        name=None if args.quick else "digits_cnn_hidden64",
-    )
-    net.eval()
-    print(f"pretrained on {len(source)} clean digits ({time.perf_counter() - t0:.1f} s)")
+    net = pretrained_digits_cnn(X[source], y[source], args.quick, hidden=64)
     body1, head1 = net[:-1], net[-1]  # one layer: Linear 64 -> 10
     body2, block2 = net[:-3], net[-3:]  # two: Linear 128 -> 64, ReLU, Linear 64 -> 10
 
