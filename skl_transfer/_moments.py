@@ -12,44 +12,72 @@ from ._heads import LINEAR
 from ._torch import as_device_arrays, from_numpy, to_numpy
 
 
+# Design rows held for one BLAS ``syrk`` on the CPU (float64 bytes): a fit's whole design
+# when it fits, so that torch's and BLAS's thread pools take turns once per chunk, not once
+# per batch (see MomentSums).
+CHUNK_BYTES = 2**28
+
+
 class MomentSums:
     """Running weighted moments of design and residue rows, on the features' device.
 
     The same moments as merging :func:`~skl_transfer._solvers.batch_moments` of every batch
     with :func:`~skl_transfer._solvers.merge_moments` (each batch centred on its own mean,
     Chan, Golub & LeVeque's pairwise update), computed in place: one ``d x d`` float64
-    accumulator, never a new one per batch. Each batch adds ``A^T A``
-    (``A = diag(sqrt(s)) [Z - m_z, Q - m_q]``, so that one product holds ``G``, ``B`` and
-    ``qq``) to the upper triangle only, block row by block row
-    (``addmm_`` into views: about 9/16 of a full product's flops with 8 blocks), then the
-    rank-1 correction of the means. Everything runs in torch, on the device and in the thread
-    pool of the forward pass: handing the products to numpy's or scipy's BLAS, whose idle
-    threads spin against torch's, made both the forward pass and the products slower.
+    accumulator, never a new one per batch. Each batch's centred rows
+    ``A = diag(sqrt(s / c)) [Z - m_z, Q - m_q]`` (one product holds ``G``, ``B`` and ``qq``)
+    add ``c A^T A`` to the upper triangle, and the rank-1 correction of the means to the whole.
 
-    On the CPU, with ``blas=True`` (features that no torch extractor computes, so no torch
-    work alternates with it) or when torch runs one thread, ``A^T A`` is added by BLAS ``syrk``
-    instead, in place into a Fortran-ordered accumulator that ``G`` views: half a product's
-    flops (measured in benchmarks/README.md, "Notes from development").
+    On the CPU the product is BLAS ``syrk`` (half a full product's flops; torch has none),
+    into a Fortran-ordered accumulator that ``G`` views. The centred rows of consecutive
+    batches are stacked in one buffer of up to ``rows`` rows (at most :data:`CHUNK_BYTES`) and
+    handed to ``syrk`` together: torch's idle threads and BLAS's spin against each other when
+    the two libraries alternate, so they alternate once per chunk (once per fit when the
+    design fits), not once per batch. With one torch thread, or ``blas=True`` (features that
+    no torch extractor computes), nothing alternates and each batch goes to ``syrk`` at once.
+    On another device the product stays there: ``addmm_`` block row by block row into the
+    upper triangle (about 9/16 of a full product's flops with 8 blocks); ``syrk=False`` chooses
+    that on the CPU too.
     """
 
-    def __init__(self, d, k, device, blas=False):
+    def __init__(self, d, k, device, blas=False, rows=0, syrk=None):
         f64 = dict(dtype=torch.float64, device=device)
         D = d + k  # rows [z, q]: one product gives G, B and qq (the trace of the q block)
-        self.d, self.weight, self._A = d, 0.0, None
+        self.d, self.weight = d, 0.0
         self.mean = torch.zeros(D, **f64)
-        self._syrk = None
-        # one torch thread: no torch worker threads for BLAS's idle ones to spin against
-        if torch.device(device).type == "cpu" and (blas or torch.get_num_threads() == 1):
+        self._syrk, self._A, self._used, self._scale = None, None, 0, None
+        self._cap = 0  # rows held before a product; 0: every batch at once
+        if syrk is None:
+            syrk = torch.device(device).type == "cpu"
+        if syrk:
             self._G = np.zeros((D, D), order="F")
             self._syrk = linalg.get_blas_funcs("syrk", (self._G,))
             self.G = from_numpy(self._G)  # a view: updated in place by syrk and torch alike
+            if not blas and torch.get_num_threads() > 1:
+                self._cap = min(int(rows), CHUNK_BYTES // (8 * D))
         else:
             self.G = torch.zeros(D, D, **f64)  # upper triangle only until moments()
         edges = np.linspace(0, D, max(1, min(8, D // 128)) + 1).astype(int)
         self.blocks = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
 
-    def _add_gram(self, A, scale):
-        """``G += scale A^T A`` on the upper triangle."""
+    def _rows(self, n, device):
+        """A view of ``n`` free rows of the buffer (the held rows multiplied out first when
+        they do not fit)."""
+        if self._used + n > max(self._cap, n):
+            self._flush()
+        size = max(self._cap, n)
+        if self._A is None or self._A.shape[0] < size:  # reused: a fresh array costs page faults
+            self._A = torch.empty(size, self.G.shape[0], dtype=torch.float64, device=device)
+        A = self._A[self._used : self._used + n]
+        self._used += n
+        return A
+
+    def _flush(self):
+        """``G += c A^T A`` (upper triangle) for the held rows ``A``."""
+        if self._used == 0:
+            return
+        A, scale = self._A[: self._used], self._scale
+        self._used, self._scale = 0, None
         if self._syrk is not None:  # to_numpy(A).T is Fortran-ordered: syrk reads A without a copy
             out = self._syrk(scale, to_numpy(A).T, beta=1.0, c=self._G, trans=0, lower=0, overwrite_c=1)
             if out is not self._G:  # pragma: no cover - f2py copies only a non-Fortran array
@@ -64,18 +92,16 @@ class MomentSums:
         if S_b <= 0.0:
             return self
         n, d = Z.shape
-        if self._A is None or self._A.shape[0] < n:  # reused: a fresh array costs page faults
-            self._A = torch.empty(n, self.G.shape[0], dtype=torch.float64, device=Z.device)
-        A = self._A[:n]
+        A = self._rows(n, Z.device)
         mean = torch.cat([s @ Z, s @ Q]) / S_b
         torch.sub(Z, mean[:d], out=A[:, :d])
         torch.sub(Q, mean[d:], out=A[:, d:])
-        if bool(s.min() != s.max()):
-            A.mul_(s.sqrt()[:, None])
-            scale = 1.0
-        else:  # equal weights (the common case): scale the product instead of the rows
-            scale = float(s[0])
-        self._add_gram(A, scale)
+        if self._scale is None:
+            self._scale = float(s.max())  # the held rows' common factor c (> 0)
+        if bool(s.min() != s.max()) or float(s[0]) != self._scale:
+            A.mul_((s / self._scale).sqrt()[:, None])
+        if self._cap == 0:
+            self._flush()
         S = self.weight + S_b
         delta = mean - self.mean
         f = self.weight * S_b / S
@@ -87,6 +113,8 @@ class MomentSums:
 
     def moments(self):
         """The accumulated moments as numpy :class:`~skl_transfer._solvers.Moments`."""
+        self._flush()
+        self._A = None
         G = np.triu(to_numpy(self.G))
         G += np.triu(G, 1).T
         mean, d = to_numpy(self.mean), self.d
@@ -130,8 +158,9 @@ def accumulate_moments(
                     Zg, Yg, sg = Z[idx], Yb[idx], sb[idx]
                 for rows, targets, w in _design_chunks(Zg, Yg, sg, geometry, feature_shape):
                     Q = targets if residue is not None else targets - rows @ W0t.T - b0t
-                    if groups[g] is None:
-                        groups[g] = MomentSums(W0.shape[1], W0.shape[0], device, blas)
+                    if groups[g] is None:  # one group: its whole design may be held for syrk
+                        held = len(s) if labels is None and not geometry.is_conv else 0
+                        groups[g] = MomentSums(W0.shape[1], W0.shape[0], device, blas, held)
                     groups[g].add(rows, Q, w)
     k, d = W0.shape
     out = [

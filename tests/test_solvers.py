@@ -54,28 +54,34 @@ def test_merge_with_zero_weight_batch_is_identity():
         assert_allclose(a, b)
 
 
-@pytest.mark.parametrize("blas", [False, True])
-@pytest.mark.parametrize("weights", ["varied", "equal", "with_zero_batch"])
-def test_streaming_moment_sums_equal_direct_centred_products(blas, weights):
-    """The in-place accumulator of the torch side (syrk or blocked upper triangle, rank-1
-    mean corrections) gives numpy's weighted centred products, for uneven batch sizes."""
+@pytest.mark.parametrize("mode", ["torch", "syrk_each", "syrk_held", "syrk_chunks"])
+@pytest.mark.parametrize("weights", ["varied", "equal", "equal_per_batch", "with_zero_batch"])
+def test_streaming_moment_sums_equal_direct_centred_products(mode, weights):
+    """The in-place accumulator (torch's blocked upper triangle, or BLAS syrk per batch, on
+    all the rows held at once, or on chunks of them; rank-1 mean corrections) gives numpy's
+    weighted centred products, for uneven batch sizes."""
     torch = pytest.importorskip("torch")
     from skl_transfer._moments import MomentSums
 
     Z, Q, s = _data(613, 300, 3, seed=4)
     Z += 50.0  # a large common offset: the per-batch centring must keep the digits
+    edges = [0, 1, 100, 250, 251, 500, 613]
     if weights == "equal":
         s = np.full(613, 2.5)
+    elif weights == "equal_per_batch":  # held rows of batches with other common factors
+        s = np.repeat([0.5, 2.5, 1.0, 4.0, 0.7, 3.0], np.diff(edges))
     elif weights == "with_zero_batch":
         s[100:250] = 0.0
     threads = torch.get_num_threads()
-    torch.set_num_threads(1 if blas else max(2, threads))  # one torch thread also selects syrk
+    # one torch thread, or blas=True, multiplies each batch at once
+    torch.set_num_threads(1 if mode == "syrk_each" else max(2, threads))
     try:
-        acc = MomentSums(300, 3, "cpu", blas=blas)
+        held = {"syrk_held": 613, "syrk_chunks": 260}.get(mode, 0)
+        acc = MomentSums(300, 3, "cpu", rows=held, syrk=mode != "torch")
     finally:
         torch.set_num_threads(threads)
-    assert (acc._syrk is not None) == blas
-    edges = [0, 1, 100, 250, 251, 500, 613]
+    assert (acc._syrk is not None) == (mode != "torch")
+    assert acc._cap == held
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
         acc.add(*(torch.as_tensor(a[lo:hi]) for a in (Z, Q, s)))
     m = acc.moments()
