@@ -29,12 +29,15 @@ class MomentSums:
     add ``c A^T A`` to the upper triangle, and the rank-1 correction of the means to the whole.
 
     On the CPU the product is BLAS ``syrk`` (half a full product's flops; torch has none),
-    into a Fortran-ordered accumulator that ``G`` views. The centred rows of consecutive
-    batches are stacked in one buffer of up to ``rows`` rows (at most :data:`CHUNK_BYTES`) and
-    handed to ``syrk`` together: torch's idle threads and BLAS's spin against each other when
-    the two libraries alternate, so they alternate once per chunk (once per fit when the
-    design fits), not once per batch. With one torch thread, or ``blas=True`` (features that
-    no torch extractor computes), nothing alternates and each batch goes to ``syrk`` at once.
+    added to a Fortran-ordered accumulator that ``G`` views. The centred rows of consecutive
+    batches are held in one buffer of up to ``rows`` rows (at most :data:`CHUNK_BYTES`) and
+    multiplied together by :func:`~skl_transfer._solvers.gram`: row blocks in parallel Python
+    threads, each on one BLAS thread. A threaded BLAS call leaves its worker threads spinning
+    for a while, and torch's idle threads spin too: when the two libraries alternate batch by
+    batch, each slows the other by half on two cores; held rows make them take turns once per
+    chunk (once per fit when the design fits), with no BLAS thread spinning afterwards. With
+    one torch thread, or ``blas=True`` (features that no torch extractor computes), nothing
+    alternates and each batch goes to ``syrk`` at once, in place.
     On another device the product stays there: ``addmm_`` block row by block row into the
     upper triangle (about 9/16 of a full product's flops with 8 blocks); ``syrk=False`` chooses
     that on the CPU too.
@@ -53,7 +56,8 @@ class MomentSums:
             self._G = np.zeros((D, D), order="F")
             self._syrk = linalg.get_blas_funcs("syrk", (self._G,))
             self.G = from_numpy(self._G)  # a view: updated in place by syrk and torch alike
-            if not blas and torch.get_num_threads() > 1:
+            self._workers = torch.get_num_threads()
+            if not blas and self._workers > 1:
                 self._cap = min(int(rows), CHUNK_BYTES // (8 * D))
         else:
             self.G = torch.zeros(D, D, **f64)  # upper triangle only until moments()
@@ -78,10 +82,13 @@ class MomentSums:
             return
         A, scale = self._A[: self._used], self._scale
         self._used, self._scale = 0, None
-        if self._syrk is not None:  # to_numpy(A).T is Fortran-ordered: syrk reads A without a copy
+        if self._syrk is not None and self._cap == 0:  # in place; to_numpy(A).T is Fortran-ordered
             out = self._syrk(scale, to_numpy(A).T, beta=1.0, c=self._G, trans=0, lower=0, overwrite_c=1)
             if out is not self._G:  # pragma: no cover - f2py copies only a non-Fortran array
                 self._G[...] = out
+            return
+        if self._syrk is not None:  # held rows: row blocks in parallel, each on one BLAS thread
+            self._G += scale * _solvers.gram(to_numpy(A), self._workers)
             return
         for a, b in self.blocks:
             self.G[a:b, a:].addmm_(A[:, a:b].T, A[:, a:], alpha=scale)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -210,7 +211,34 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reset_limit_after_fork)
 
 
+def gram(A, workers=1):
+    """``A^T A`` (full, symmetric) of a C-ordered float64 array ``A`` of shape (n, D).
+
+    With ``workers > 1``, the rows are split into that many blocks whose products (numpy's
+    BLAS ``syrk`` for ``P^T P``, half a full product's flops) run at once in as many Python
+    threads, each on one BLAS thread, and are summed: numpy releases the GIL in a product, and
+    no BLAS worker thread is left spinning afterwards against torch's threads (which a
+    threaded BLAS call does for a while, slowing the extractor's next forward pass by half
+    on two cores; benchmarks/README.md, "Notes from development").
+    """
+    n = A.shape[0]
+    workers = max(1, min(int(workers), n // 64))
+    if workers == 1:
+        return A.T @ A
+    edges = np.linspace(0, n, workers + 1).astype(int)
+    blocks = [A[a:b] for a, b in zip(edges[:-1], edges[1:], strict=True)]
+    with one_blas_thread(), ThreadPoolExecutor(workers) as pool:
+        parts = list(pool.map(lambda P: P.T @ P, blocks))
+    out = parts[0]
+    for P in parts[1:]:
+        out += P
+    return out
+
+
 SMALL_DECOMPOSITION = 384  # spectral decompositions of at most this order run on one BLAS thread
+# Cholesky factorisations of at most this order run on one BLAS thread: a few milliseconds,
+# and no BLAS worker threads left spinning against the extractor's next forward pass
+SMALL_CHOLESKY = 1024
 
 
 def spectral(A, rtol=None, floor=None):
@@ -273,7 +301,9 @@ def _scaled_cholesky(A, R, alpha, idx):
     H = A[np.ix_(idx, idx)] / c[:, None] / c[None, :]
     H[np.diag_indices_from(H)] = 1.0
     anorm = np.abs(H).sum(axis=0).max()
-    L, info = lapack.dpotrf(H, lower=0, clean=1)
+    small = one_blas_thread() if idx.size <= SMALL_CHOLESKY else contextlib.nullcontext()
+    with small:
+        L, info = lapack.dpotrf(H, lower=0, clean=1)
     if info != 0:
         return None, 0.0
     rcond, info = lapack.dpocon(L, anorm)

@@ -184,3 +184,22 @@ def test_loo_path_equals_brute_force(n, d, fit_intercept):
         for i in range(n):
             dWt, db = _brute_force(Z, Q, s, np.arange(n) != i, alpha, fit_intercept)
             assert_allclose(loo[j][i], Z[i] @ dWt + db, rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3])
+@pytest.mark.parametrize("n", [5, 200, 1001])
+def test_gram_of_row_blocks_in_threads_equals_the_product(n, workers):
+    """``gram`` (row blocks multiplied in parallel threads on one BLAS thread each, summed)
+    gives numpy's ``A^T A`` of the whole array, and leaves BLAS's thread count as it was."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return sorted({i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"})
+
+    A = np.random.default_rng(n).normal(size=(n, 37)) + 3.0
+    before = blas_threads()
+    G = _solvers.gram(A, workers)
+    assert blas_threads() == before
+    ref = np.einsum("ni,nj->ij", A, A)  # no BLAS: an independent sum of products
+    assert_allclose(G, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
+    assert_allclose(G, G.T, rtol=0, atol=0)
