@@ -11,7 +11,6 @@ from . import _solvers
 from ._heads import LINEAR
 from ._torch import as_device_arrays, from_numpy, to_numpy
 
-
 # Design rows held for one BLAS ``syrk`` on the CPU (float64 bytes): a fit's whole design
 # when it fits, so that torch's and BLAS's thread pools take turns once per chunk, not once
 # per batch (see MomentSums).
