@@ -216,11 +216,14 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
     included). With ``n_samples >= d`` (``solver_ == "primal"``) the weighted means and
     co-moments of (Z, Q) are accumulated batch by batch on the extractor's device, each batch
     centred on its own mean and merged with the Chan-Golub-LeVeque correction, in place into
-    one ``d x d`` float64 accumulator: memory is O(d^2 + batch_size) and the N x d feature
-    matrix is never stored. Only the upper triangle of ``Z^T Z`` is formed: block rows of
-    ``addmm_`` in torch's own thread pool when a torch extractor computes the features
-    (handing them to another BLAS pool made its idle threads spin against torch's), BLAS
-    ``syrk`` when you pass the features yourself. With ``n_samples < d`` (``"dual"``) the
+    one ``d x d`` float64 accumulator. Only the upper triangle of ``Z^T Z`` is formed. On the
+    CPU, BLAS ``syrk``: the centred float64 rows of consecutive batches are held (at most
+    256 MiB, the whole design when it fits) and multiplied by row blocks in parallel threads,
+    each on one BLAS thread, so that no BLAS worker thread is left spinning against torch's
+    during the next forward pass; with one torch thread, or features you pass yourself, each
+    batch goes to ``syrk`` at once. On another device, block rows of ``addmm_`` there. Memory
+    is O(d^2 + min(N d, 256 MiB)) beyond a batch, and the N x d feature matrix is never
+    stored whole when it is larger. With ``n_samples < d`` (``"dual"``) the
     ``n x n`` kernel ``A A^T`` of the weighted, centred features is used instead.
 
     The Gram matrix (or kernel) is scaled to a unit diagonal before it is factorised,

@@ -1,5 +1,5 @@
 """The streaming-moments engine: weighted moments of design and residue rows, batch by batch,
-in place on the features' device (never the full design matrix)."""
+in place on the features' device (never more of the design matrix than CHUNK_BYTES)."""
 
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ def accumulate_moments(
 
     ``geometry`` turns a batch of features into design rows (a linear head: the features;
     a conv head: their patches) and a batch of targets into target rows; None is linear.
-    Memory is O(d^2 + batch): the full design matrix is never formed. With ``labels``
+    Memory is O(d^2 + batch + held rows): the rows held for one product are at most
+    :data:`CHUNK_BYTES`, so a design larger than that is never formed whole. With ``labels``
     (one non-negative int per sample), returns one set of moments per label
     ``0 .. labels.max()`` instead (zero moments for a label without samples), still in one pass.
     ``residue`` (a :class:`PerturbResidue`, or None) gives each batch's residue ``Q`` per

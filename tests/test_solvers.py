@@ -203,3 +203,32 @@ def test_gram_of_row_blocks_in_threads_equals_the_product(n, workers):
     ref = np.einsum("ni,nj->ij", A, A)  # no BLAS: an independent sum of products
     assert_allclose(G, ref, rtol=1e-12, atol=1e-12 * np.abs(ref).max())
     assert_allclose(G, G.T, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1e-11])
+@pytest.mark.parametrize("cond, preconditioner", [(3e4, "cholesky"), (1e6, "spectral")])
+def test_refinement_against_the_rows_equals_least_squares(cond, preconditioner, alpha, monkeypatch):
+    """An ill-conditioned design (Cholesky of the moments not trusted): the update refined
+    against the rows equals numpy's lstsq on the augmented rows, whether the corrections come
+    from a Cholesky factor (condition well above the spectral threshold) or from the spectral
+    decomposition (closer to it)."""
+    rng = np.random.default_rng(3)
+    n, d = 400, 30
+    U, _ = np.linalg.qr(rng.normal(size=(n, d)))
+    V, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    Z = (U * np.geomspace(1.0, 1.0 / cond, d)) @ V.T * 3.0
+    Q = Z @ rng.normal(size=(d, 2)) + 0.01 * rng.normal(size=(n, 2))
+    s = np.ones(n)
+    used = []
+    real_spectral = _solvers.spectral
+    monkeypatch.setattr(
+        _solvers, "spectral", lambda *a, **k: used.append("spectral") or real_spectral(*a, **k)
+    )
+    m = _solvers.batch_moments(Z, Q, s)
+    G = _solvers.uncentred(m)[0]
+    assert _solvers.solve_gram(G, G[:, :2], alpha, fallback=False) is None  # the data path
+    dWt, _, _ = _solvers.ridge_primal(m, alpha, False, data=(Z, Q, s))
+    assert ("spectral" in used) == (preconditioner == "spectral")
+    A = np.vstack([Z, np.sqrt(alpha) * np.eye(d)])
+    ref = np.linalg.lstsq(A, np.vstack([Q, np.zeros((d, 2))]), rcond=None)[0]
+    assert_allclose(dWt, ref, rtol=0, atol=1e-13 * cond * np.abs(ref).max())
