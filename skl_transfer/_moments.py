@@ -48,6 +48,8 @@ class MomentSums:
         self.d, self.weight = d, 0.0
         self.mean = torch.zeros(D, **f64)
         self._syrk, self._A, self._used, self._scale = None, None, 0, None
+        self._upper_only = False  # whether a product filled only G's upper triangle
+        self._corrections = []  # held rows: sqrt(f) delta of each merge, added at the end
         self._cap = 0  # rows held before a product; 0: every batch at once
         if syrk is None:
             syrk = torch.device(device).type == "cpu"
@@ -85,10 +87,15 @@ class MomentSums:
             out = self._syrk(scale, to_numpy(A).T, beta=1.0, c=self._G, trans=0, lower=0, overwrite_c=1)
             if out is not self._G:  # pragma: no cover - f2py copies only a non-Fortran array
                 self._G[...] = out
+            self._upper_only = True
             return
         if self._syrk is not None:  # held rows: row blocks in parallel, each on one BLAS thread
-            self._G += scale * _solvers.gram(to_numpy(A), self._workers)
+            P = _solvers.gram(to_numpy(A), self._workers)  # both triangles, exactly symmetric
+            if scale != 1.0:
+                P *= scale
+            self._G += P.T  # P.T: Fortran-ordered like _G, so the sum streams through memory
             return
+        self._upper_only = True
         for a, b in self.blocks:
             self.G[a:b, a:].addmm_(A[:, a:b].T, A[:, a:], alpha=scale)
 
@@ -111,7 +118,9 @@ class MomentSums:
         S = self.weight + S_b
         delta = mean - self.mean
         f = self.weight * S_b / S
-        if f > 0.0:
+        if f > 0.0 and self._cap > 0:  # held rows: all corrections in one symmetric product
+            self._corrections.append(delta * f**0.5)
+        elif f > 0.0:
             self.G.addr_(delta, delta, alpha=f)
         self.mean.add_(delta, alpha=S_b / S)
         self.weight = S
@@ -121,11 +130,19 @@ class MomentSums:
         """The accumulated moments as numpy :class:`~skl_transfer._solvers.Moments`."""
         self._flush()
         self._A = None
-        G = np.triu(to_numpy(self.G))
-        G += np.triu(G, 1).T
+        if self._corrections:  # sum_b f_b delta_b delta_b^T as one product: exactly symmetric
+            C = to_numpy(torch.stack(self._corrections))
+            self._G += (C.T @ C).T
+            self._corrections = []
+        G = to_numpy(self.G)
+        if self._upper_only:  # the products filled the upper triangle only
+            G = np.triu(G)
+            G += np.triu(G, 1).T
+        # else (held rows) every term added was exactly symmetric
         mean, d = to_numpy(self.mean), self.d
+        # G is symmetric and Fortran-ordered: its transpose's blocks are copied row by row
         return _solvers.Moments(
-            self.weight, mean[:d].copy(), mean[d:].copy(), G[:d, :d].copy(), G[:d, d:].copy(),
+            self.weight, mean[:d].copy(), mean[d:].copy(), G[:d, :d].T.copy(), G[d:, :d].T.copy(),
             float(np.trace(G[d:, d:])),
         )  # fmt: skip
 

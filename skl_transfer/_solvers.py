@@ -298,7 +298,8 @@ def _equilibrated_cholesky(A, alpha, idx):
     (a change of variables: the penalty stays ``alpha I``): ``(L, c, rcond)`` with ``c`` the
     scale and ``rcond`` LAPACK's reciprocal condition estimate, or None when it fails."""
     c = np.sqrt(np.diag(A)[idx] + alpha)
-    H = A[np.ix_(idx, idx)] / c[:, None] / c[None, :]
+    H = (A if idx.size == A.shape[0] else A[np.ix_(idx, idx)]) / c[:, None]
+    H /= c[None, :]
     H[np.diag_indices_from(H)] = 1.0
     anorm = np.abs(H).sum(axis=0).max()
     small = one_blas_thread() if idx.size <= SMALL_CHOLESKY else contextlib.nullcontext()
@@ -359,6 +360,8 @@ def solve_gram(A, R, alpha, rtol=None, floor=None, return_cond=False, fallback=T
 def _design(Z, Q, s, fit_intercept):
     """Weighted (centred) design and residue: ``diag(sqrt(s)) Z_c``, ``diag(sqrt(s)) Q_c``, means."""
     Zc, Qc, mean_z, mean_q = _centre(Z, Q, s, fit_intercept)
+    if bool(np.all(s == 1.0)):  # unit weights (the common case): no weighted copy
+        return Zc, Qc, mean_z, mean_q
     r = np.sqrt(s)[:, None]
     return r * Zc, r * Qc, mean_z, mean_q
 
