@@ -220,8 +220,8 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
     CPU, BLAS ``syrk``: the centred float64 rows of consecutive batches are held (at most
     256 MiB, the whole design when it fits) and multiplied by row blocks in parallel threads,
     each on one BLAS thread, so that no BLAS worker thread is left spinning against torch's
-    during the next forward pass; with one torch thread, or features you pass yourself, each
-    batch goes to ``syrk`` at once. On another device, block rows of ``addmm_`` there. Memory
+    during the next forward pass; with features you pass yourself, each batch goes to
+    ``syrk`` at once. On another device, block rows of ``addmm_`` there. Memory
     is O(d^2 + min(N d, 256 MiB)) beyond a batch, and the N x d feature matrix is never
     stored whole when it is larger. With ``n_samples < d`` (``"dual"``) the
     ``n x n`` kernel ``A A^T`` of the weighted, centred features is used instead.

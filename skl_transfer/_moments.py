@@ -34,9 +34,11 @@ class MomentSums:
     threads, each on one BLAS thread. A threaded BLAS call leaves its worker threads spinning
     for a while, and torch's idle threads spin too: when the two libraries alternate batch by
     batch, each slows the other by half on two cores; held rows make them take turns once per
-    chunk (once per fit when the design fits), with no BLAS thread spinning afterwards. With
-    one torch thread, or ``blas=True`` (features that no torch extractor computes), nothing
-    alternates and each batch goes to ``syrk`` at once, in place.
+    chunk (once per fit when the design fits), with no BLAS thread spinning afterwards; one
+    product of the held rows, and the merges' rank-1 corrections summed as one more, leave
+    ``G`` exactly symmetric without a final symmetrisation (on one torch thread too). With
+    ``blas=True`` (features that no torch extractor computes) or ``rows=0``, each batch goes
+    to ``syrk`` at once, in place, into the upper triangle.
     On another device the product stays there: ``addmm_`` block row by block row into the
     upper triangle (about 9/16 of a full product's flops with 8 blocks); ``syrk=False`` chooses
     that on the CPU too.
@@ -58,7 +60,7 @@ class MomentSums:
             self._syrk = linalg.get_blas_funcs("syrk", (self._G,))
             self.G = from_numpy(self._G)  # a view: updated in place by syrk and torch alike
             self._workers = torch.get_num_threads()
-            if not blas and self._workers > 1:
+            if not blas:
                 self._cap = min(int(rows), CHUNK_BYTES // (8 * D))
         else:
             self.G = torch.zeros(D, D, **f64)  # upper triangle only until moments()
@@ -105,16 +107,17 @@ class MomentSums:
         if S_b <= 0.0:
             return self
         n, d = Z.shape
-        A = self._rows(n, Z.device)
         mean = torch.cat([s @ Z, s @ Q]) / S_b
-        torch.sub(Z, mean[:d], out=A[:, :d])
-        torch.sub(Q, mean[d:], out=A[:, d:])
-        if self._scale is None:
-            self._scale = float(s.max())  # the held rows' common factor c (> 0)
-        if bool(s.min() != s.max()) or float(s[0]) != self._scale:
-            A.mul_((s / self._scale).sqrt()[:, None])
-        if self._cap == 0:
-            self._flush()
+        if n > 1:  # one row centred on its own mean is zero: nothing to multiply
+            A = self._rows(n, Z.device)
+            torch.sub(Z, mean[:d], out=A[:, :d])
+            torch.sub(Q, mean[d:], out=A[:, d:])
+            if self._scale is None:
+                self._scale = float(s.max())  # the held rows' common factor c (> 0)
+            if bool(s.min() != s.max()) or float(s[0]) != self._scale:
+                A.mul_((s / self._scale).sqrt()[:, None])
+            if self._cap == 0:
+                self._flush()
         S = self.weight + S_b
         delta = mean - self.mean
         f = self.weight * S_b / S

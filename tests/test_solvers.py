@@ -54,7 +54,7 @@ def test_merge_with_zero_weight_batch_is_identity():
         assert_allclose(a, b)
 
 
-@pytest.mark.parametrize("mode", ["torch", "syrk_each", "syrk_held", "syrk_chunks"])
+@pytest.mark.parametrize("mode", ["torch", "syrk_each", "syrk_held", "syrk_held_one_thread", "syrk_chunks"])
 @pytest.mark.parametrize("weights", ["varied", "equal", "equal_per_batch", "with_zero_batch"])
 def test_streaming_moment_sums_equal_direct_centred_products(mode, weights):
     """The in-place accumulator (torch's blocked upper triangle, or BLAS syrk per batch, on
@@ -73,11 +73,13 @@ def test_streaming_moment_sums_equal_direct_centred_products(mode, weights):
     elif weights == "with_zero_batch":
         s[100:250] = 0.0
     threads = torch.get_num_threads()
-    # one torch thread, or blas=True, multiplies each batch at once
-    torch.set_num_threads(1 if mode == "syrk_each" else max(2, threads))
+    # blas=True (features passed in) multiplies each batch at once; on one torch thread the
+    # rows are held as on two
+    torch.set_num_threads(1 if mode == "syrk_held_one_thread" else max(2, threads))
     try:
-        held = {"syrk_held": 613, "syrk_chunks": 260}.get(mode, 0)
-        acc = MomentSums(300, 3, "cpu", rows=held, syrk=mode != "torch")
+        held = {"syrk_held": 613, "syrk_held_one_thread": 613, "syrk_chunks": 260}.get(mode, 0)
+        acc = MomentSums(300, 3, "cpu", blas=mode == "syrk_each", rows=613 if mode == "syrk_each" else held,
+                         syrk=mode != "torch")  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     assert (acc._syrk is not None) == (mode != "torch")
