@@ -135,7 +135,8 @@ class MomentSums:
         self._A = None
         if self._corrections:  # sum_b f_b delta_b delta_b^T as one product: exactly symmetric
             C = to_numpy(torch.stack(self._corrections))
-            self._G += (C.T @ C).T
+            with _solvers.one_blas_thread():  # small: no BLAS worker left spinning
+                self._G += (C.T @ C).T
             self._corrections = []
         G = to_numpy(self.G)
         if self._upper_only:  # the products filled the upper triangle only

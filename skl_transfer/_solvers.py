@@ -302,15 +302,19 @@ def _equilibrated_cholesky(A, alpha, idx):
     H /= c[None, :]
     H[np.diag_indices_from(H)] = 1.0
     anorm = np.abs(H).sum(axis=0).max()
-    small = one_blas_thread() if idx.size <= SMALL_CHOLESKY else contextlib.nullcontext()
-    with small:
+    with _small(idx.size):
         L, info = lapack.dpotrf(H, lower=0, clean=1)
-    if info != 0:
-        return None
-    rcond, info = lapack.dpocon(L, anorm)
+        if info != 0:
+            return None
+        rcond, info = lapack.dpocon(L, anorm)
     if info != 0 or not np.isfinite(rcond):  # pragma: no cover - LAPACK argument errors
         return None
     return L, c, float(rcond)
+
+
+def _small(order):
+    """One BLAS thread for the work on a matrix of order at most :data:`SMALL_CHOLESKY`."""
+    return one_blas_thread() if order <= SMALL_CHOLESKY else contextlib.nullcontext()
 
 
 def _scaled_cholesky(A, R, alpha, idx):
@@ -320,7 +324,8 @@ def _scaled_cholesky(A, R, alpha, idx):
     if factor is None:
         return None, 0.0
     L, c, rcond = factor
-    x, info = lapack.dpotrs(L, R[idx] / c[:, None], lower=0)
+    with _small(idx.size):
+        x, info = lapack.dpotrs(L, R[idx] / c[:, None], lower=0)
     if info != 0:  # pragma: no cover
         return None, 0.0
     return x / c[:, None], rcond
@@ -587,7 +592,8 @@ def ridge_primal(moments, alpha, fit_intercept, rtol=None, data=None, data_tol=N
             return dWt, db, float(s @ (res * res).sum(1))
         dWt = solve_gram(G, B, alpha, rtol, floor)
     db = moments.mean_q - moments.mean_z @ dWt if fit_intercept else np.zeros(B.shape[1])
-    residual_sq = qq - 2.0 * np.vdot(dWt, B) + np.vdot(dWt, G @ dWt)
+    with _small(G.shape[0]):
+        residual_sq = qq - 2.0 * np.vdot(dWt, B) + np.vdot(dWt, G @ dWt)
     return dWt, db, max(float(residual_sq), 0.0)
 
 
