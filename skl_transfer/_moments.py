@@ -50,7 +50,6 @@ class MomentSums:
         self.d, self.weight = d, 0.0
         self.mean = torch.zeros(D, **f64)
         self._syrk, self._A, self._used, self._scale = None, None, 0, None
-        self._upper_only = False  # whether a product filled only G's upper triangle
         self._corrections = []  # held rows: sqrt(f) delta of each merge, added at the end
         self._cap = 0  # rows held before a product; 0: every batch at once
         if syrk is None:
@@ -80,7 +79,8 @@ class MomentSums:
         return A
 
     def _flush(self):
-        """``G += c A^T A`` (upper triangle) for the held rows ``A``."""
+        """``G += c A^T A`` for the held rows ``A``: both triangles when rows are held
+        (``_cap > 0``), else the upper one."""
         if self._used == 0:
             return
         A, scale = self._A[: self._used], self._scale
@@ -89,7 +89,6 @@ class MomentSums:
             out = self._syrk(scale, to_numpy(A).T, beta=1.0, c=self._G, trans=0, lower=0, overwrite_c=1)
             if out is not self._G:  # pragma: no cover - f2py copies only a non-Fortran array
                 self._G[...] = out
-            self._upper_only = True
             return
         if self._syrk is not None:  # held rows: row blocks in parallel, each on one BLAS thread
             P = _solvers.gram(to_numpy(A), self._workers)  # both triangles, exactly symmetric
@@ -97,7 +96,6 @@ class MomentSums:
                 P *= scale
             self._G += P.T  # P.T: Fortran-ordered like _G, so the sum streams through memory
             return
-        self._upper_only = True
         for a, b in self.blocks:
             self.G[a:b, a:].addmm_(A[:, a:b].T, A[:, a:], alpha=scale)
 
@@ -139,7 +137,7 @@ class MomentSums:
                 self._G += (C.T @ C).T
             self._corrections = []
         G = to_numpy(self.G)
-        if self._upper_only:  # the products filled the upper triangle only
+        if self._cap == 0:  # each batch's product filled the upper triangle only
             G = np.triu(G)
             G += np.triu(G, 1).T
         # else (held rows) every term added was exactly symmetric
