@@ -264,8 +264,7 @@ def spectral(A, rtol=None, floor=None):
         return Spectral(np.zeros(0), np.zeros((n, 0)), np.zeros(0, dtype=bool))
     h = np.sqrt(np.diag(A)[idx])
     At = A[np.ix_(idx, idx)] / h[:, None] / h[None, :]
-    small = one_blas_thread() if idx.size <= SMALL_DECOMPOSITION else contextlib.nullcontext()
-    with small:
+    with _small(idx.size, SMALL_DECOMPOSITION):
         E, V = linalg.eigh(At, check_finite=False)
         E = np.clip(E, 0.0, None)
         keep = E > rtol * E[-1] if E[-1] > 0 else np.zeros(E.shape, dtype=bool)
@@ -312,9 +311,17 @@ def _equilibrated_cholesky(A, alpha, idx):
     return L, c, float(rcond)
 
 
-def _small(order):
-    """One BLAS thread for the work on a matrix of order at most :data:`SMALL_CHOLESKY`."""
-    return one_blas_thread() if order <= SMALL_CHOLESKY else contextlib.nullcontext()
+def _small(order, limit=SMALL_CHOLESKY):
+    """One BLAS thread for the work on a matrix of order at most ``limit``; else no limit."""
+    return one_blas_thread() if order <= limit else contextlib.nullcontext()
+
+
+def _factor_solve(L, c, R):
+    """``X`` from the factor of :func:`_equilibrated_cholesky`: ``(A + alpha I) X = R`` on its
+    indices, ``R`` already restricted to them; None when LAPACK reports an error."""
+    with _small(L.shape[0]):
+        x, info = lapack.dpotrs(L, R / c[:, None], lower=0)
+    return None if info != 0 else x / c[:, None]
 
 
 def _scaled_cholesky(A, R, alpha, idx):
@@ -324,11 +331,10 @@ def _scaled_cholesky(A, R, alpha, idx):
     if factor is None:
         return None, 0.0
     L, c, rcond = factor
-    with _small(idx.size):
-        x, info = lapack.dpotrs(L, R[idx] / c[:, None], lower=0)
-    if info != 0:  # pragma: no cover
+    x = _factor_solve(L, c, R[idx])
+    if x is None:  # pragma: no cover - LAPACK argument errors
         return None, 0.0
-    return x / c[:, None], rcond
+    return x, rcond
 
 
 def solve_gram(A, R, alpha, rtol=None, floor=None, return_cond=False, fallback=True):
@@ -402,7 +408,7 @@ def _cholesky_correction(G, alpha, floor, rtol):
 
     def correct(g):
         x = np.zeros((G.shape[0],) + g.shape[1:])
-        x[idx] = lapack.dpotrs(L, g[idx] / c[:, None], lower=0)[0] / c[:, None]
+        x[idx] = _factor_solve(L, c, g[idx])
         return x
 
     return correct
