@@ -788,7 +788,7 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
                 "to start again."
             )
         return _Stream(
-            self._spec, self.extractor_, self._runtime_extractor(), self._weights_digest, moments,
+            self._spec, self._extractor, self._runtime_extractor(), self._weights_digest, moments,
             self.n_samples_seen_, getattr(self, "_terms_sq", None), None, None,
         )  # fmt: skip
 

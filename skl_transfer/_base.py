@@ -19,7 +19,7 @@ from sklearn.metrics import r2_score
 from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.validation import _check_feature_names, check_is_fitted, validate_data
 
-from . import _diagnostics, _fingerprint, _solvers
+from . import _diagnostics, _fingerprint, _frozen, _solvers
 from ._block import BlockGeometry, block_prior, fit_block, is_block
 from ._features import cached_extractor, feature_batches, head_outputs
 from ._heads import AdaptedNetwork, Prior, as_prior
@@ -257,9 +257,10 @@ class BaseAdapter(BaseEstimator):
             )
         X, _ = self._validate_X(X, reset=True)  # y is checked in _start, once the layer is known
         device = resolve_device(self.device)
-        net = frozen_copy(self.extractor, device)
+        copied = _frozen.frozen(self.extractor, device, keep=self.cache is not False)
+        net = copied.net
         name = last_called_layer(net, input_batch(X, slice(0, 1), device, floating_dtype(net)))
-        self._auto_head = (name, net)
+        self._auto_head = (name, copied)
         try:
             yield self._auto_head
         finally:
@@ -331,15 +332,19 @@ class BaseAdapter(BaseEstimator):
 
         t0 = time.perf_counter()
         if probed is not None:  # head="auto": the copy the layer was found (and checked) in
-            net = probed[1]
-        else:
-            net = None if self.extractor is None else frozen_copy(self.extractor, device)
+            copied = probed[1]
+        elif self.extractor is not None:
+            copied = _frozen.frozen(self.extractor, device, keep=self.cache is not False)
+        net = None if self.extractor is None else copied.net
         name = self._layer_name()
         if name is not None:  # a named layer: its input is the features
             if probed is None:
                 check_called_once(net, name, input_batch(X, slice(0, 1), device, floating_dtype(net)))
-            net = LayerInput(net, name)
-        cached = cached_extractor(net, X, self.cache if use_cache else False)
+            net = copied.layer(name)
+        digest = None if net is None else copied.digest(net)  # an earlier fit's, of the same copy
+        cached = cached_extractor(net, X, self.cache if use_cache else False, digest, trusted=True)
+        if cached is not None:
+            copied.remember(net, cached.digest)
         batches = iter(self._features(net, X, cached=cached, use_cache=use_cache))
         first = next(batches)
         feature_dtype, feature_shape = first[2], tuple(first[3])
@@ -405,7 +410,9 @@ class BaseAdapter(BaseEstimator):
     def _features(self, net, X, desc="features", cached=None, use_cache=True):
         """The feature stream of X, with a tqdm progress bar over batches when verbose."""
         if cached is None and use_cache:  # predict: the fitted copy's digest, recomputed if it changed
-            cached = cached_extractor(net, X, self.cache, getattr(self, "_weights_digest", None))
+            # a shared copy is written by nobody (extractor_ gives users their own): its digest holds
+            trusted = net is self.__dict__.get("_extractor") and self.__dict__.get("_extractor_shared", False)
+            cached = cached_extractor(net, X, self.cache, getattr(self, "_weights_digest", None), trusted)
             if cached is not None:
                 self._weights_digest = cached.digest  # what net matches now (its tensors' identities)
         batches = feature_batches(net, X, self._forward_batch_size, cached)
@@ -460,7 +467,12 @@ class BaseAdapter(BaseEstimator):
         self.residue_norm_ = float(np.sqrt(solution.residue_sq))
         self.residual_norm_ = float(np.sqrt(solution.residual_sq))
         self._record_input(X)
-        self.extractor_ = None if net is None else net.to("cpu")
+        # the copy the fit ran on, shared with other fits of the same unchanged extractor
+        # (_frozen): nothing here writes to it, and extractor_ gives a user a copy of their own
+        previous = self.__dict__.get("_extractor")
+        shared = self.__dict__.get("_extractor_shared", False)
+        self._extractor = None if net is None else net.to("cpu")
+        self._extractor_shared = net is not None and (net is not previous or shared)
         self._extractor_on_device = None
         # a named layer: what to_module restores on its copy of the whole model
         self._export_state = export_state(self.extractor) if isinstance(net, LayerInput) else None
@@ -468,6 +480,24 @@ class BaseAdapter(BaseEstimator):
         self._spec = spec
         # the copy's Digest, reused by predict's cache only while extractor_ still matches it
         self._weights_digest = digest
+
+    @property
+    def extractor_(self):
+        """The frozen copy of ``extractor`` that the fit ran on (CPU, eval mode, gradients off),
+        or None without an extractor.
+
+        Fits of the same unchanged extractor share one copy (a search's fits copy and hash it
+        once); the first access gives this estimator a copy of its own, so that writing to it
+        reaches no other estimator. ``predict`` and ``to_module`` then use that copy, edits
+        included.
+        """
+        state = self.__dict__
+        if "_extractor" not in state:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute 'extractor_'")
+        if state["_extractor"] is not None and state.get("_extractor_shared"):
+            self._extractor, self._extractor_shared = copy.deepcopy(state["_extractor"]), False
+            self._extractor_on_device = None
+        return state["_extractor"]
 
     @property
     def diagnostics_(self):
@@ -480,19 +510,19 @@ class BaseAdapter(BaseEstimator):
 
     def _runtime_extractor(self):
         """The fitted extractor on the requested device (cached, never pickled)."""
-        if self.extractor_ is None:
+        if self._extractor is None:
             return None
         device = resolve_device(self.device)
         if device.type == "cpu":
-            return self.extractor_
+            return self._extractor
         cached = getattr(self, "_extractor_on_device", None)
         # copied again when extractor_ was edited since (its tensors' versions, code, hooks)
-        if cached is None or cached[0] != device or not _fingerprint.still_valid(cached[2], self.extractor_):
+        if cached is None or cached[0] != device or not _fingerprint.still_valid(cached[2], self._extractor):
             try:
-                state = _fingerprint.fingerprint_state(self.extractor_)
+                state = _fingerprint.fingerprint_state(self._extractor)
             except _fingerprint.Unkeyable:
                 state = None  # cannot tell whether it changed: copied again for every call
-            cached = (device, frozen_copy(self.extractor_, device), state)
+            cached = (device, frozen_copy(self._extractor, device), state)
             self._extractor_on_device = cached
         return cached[1]
 
@@ -561,13 +591,13 @@ class BaseAdapter(BaseEstimator):
         spec = self._spec
         has_bias = spec.fit_intercept or spec.prior.b0 is not None
         dtype = torch.promote_types(torch.promote_types(spec.prior.dtype, spec.feature_dtype), torch.float32)
-        if isinstance(self.extractor_, LayerInput):  # the whole model, its layer replaced
-            named = self.extractor_
+        if isinstance(self._extractor, LayerInput):  # the whole model, its layer replaced
+            named = self._extractor
             return replace_layer(
                 named.model, named.name, coef, intercept if has_bias else None, self._export_state
             )
         head = spec.geometry.layer(coef, intercept if has_bias else None, dtype)
-        extractor = None if self.extractor_ is None else copy.deepcopy(self.extractor_)
+        extractor = None if self._extractor is None else copy.deepcopy(self._extractor)
         return AdaptedNetwork(extractor, head).eval().requires_grad_(False)
 
     def __sklearn_is_fitted__(self):
@@ -578,6 +608,12 @@ class BaseAdapter(BaseEstimator):
         tags.target_tags.multi_output = True
         tags.input_tags.allow_nan = False
         return tags
+
+    def __setstate__(self, state):
+        if "extractor_" in state:  # pickled before extractor_ became a property
+            state = {**state, "_extractor": state["extractor_"], "_extractor_shared": False}
+            del state["extractor_"]
+        super().__setstate__(state)
 
     def __getstate__(self):
         state = dict(super().__getstate__())  # a copy: Python 3.11 returns self.__dict__ itself

@@ -28,6 +28,7 @@ extractor twice on the same sample, and other models do not wait.
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import os
 import threading
@@ -37,7 +38,7 @@ from collections import OrderedDict
 import numpy as np
 import torch
 
-from . import _diskcache
+from . import _diskcache, _frozen
 from ._diskcache import DiskCache
 from ._fingerprint import fingerprint, forget
 from ._torch import from_host_bits, host_bits, numpy_dtype
@@ -760,6 +761,9 @@ def clear_cache(directory=None):
     """
     _MEMORY.clear()
     forget()  # the determinism verdicts of the models seen so far
+    _frozen.forget()  # the frozen copies kept for the next fit of each extractor
+    with _KEYS_GUARD:
+        _KEYS_MEMO.clear()  # and the arrays whose row keys are kept
     with _CHOICES_GUARD:
         _CHOICES.clear()  # and the "auto" choices
     if directory is not None:
@@ -773,7 +777,9 @@ def cache_info():
     """Report the rows and bytes held by this process's in-memory feature cache.
 
     The bytes count everything the cache holds (rows, their index, the moments of whole
-    fits, Python objects included), as the bound of :func:`set_cache_limit` does.
+    fits, Python objects included), as the bound of :func:`set_cache_limit` does, and the
+    copies of the last wide-rowed inputs kept with their row keys (at most a quarter of the
+    bound, and 256 MiB: a search hashes each fold once).
 
     Returns
     -------
@@ -791,8 +797,10 @@ def cache_info():
     >>> sorted(cache_info())
     ['bytes', 'max_bytes', 'rows']
     """
+    with _KEYS_GUARD:
+        kept = _keys_memo_bytes()
     with _MEMORY._guard:
-        return {"rows": _MEMORY.rows, "bytes": _MEMORY.nbytes, "max_bytes": _MEMORY.max_bytes}
+        return {"rows": _MEMORY.rows, "bytes": _MEMORY.nbytes + kept, "max_bytes": _MEMORY.max_bytes}
 
 
 def resolve(cache):
@@ -829,7 +837,54 @@ def resolve(cache):
     return True, disk
 
 
+_KEYS_MEMO: collections.OrderedDict = collections.OrderedDict()  # id -> (copy of X, its keys)
+_KEYS_MEMO_BYTES = 256 << 20  # the copies held, at most
+_KEYS_GUARD = threading.Lock()
+
+
 def _keys_of(X):
+    """:func:`row_keys` of every row of X.
+
+    Rows wider than :data:`_MULTILINEAR_BYTES` (images, spectrograms) are hashed one by one
+    with SHA-256; for those, the keys of the last numpy arrays hashed are kept with a copy of
+    them: the fits of a search hash the same folds again and again (each a new array, sliced
+    from the data by sklearn), and comparing X bitwise with a copy costs a fraction of hashing
+    it. At most :data:`_KEYS_MEMO_BYTES`, and a quarter of the memory cache's bound, are held
+    (the least recently used arrays are dropped); :func:`cache_info` counts them.
+    """
+    limit = min(_KEYS_MEMO_BYTES, _MEMORY.max_bytes // 4)
+    if (
+        not isinstance(X, np.ndarray)
+        or X.dtype == object
+        or X.nbytes > limit // 8
+        or X.nbytes <= _MULTILINEAR_BYTES * max(1, X.shape[0])
+    ):
+        return _hash_rows(X)
+    bits = X.view(f"u{X.dtype.itemsize}") if X.dtype.itemsize in (1, 2, 4, 8) else None
+    if bits is None:
+        return _hash_rows(X)
+    with _KEYS_GUARD:
+        held = [(k, v) for k, v in _KEYS_MEMO.items() if v[0].shape == X.shape and v[0].dtype == bits.dtype]
+    for k, (copy, keys) in held:
+        ends = np.array_equal(copy[0], bits[0]) and np.array_equal(copy[-1], bits[-1])
+        if ends and np.array_equal(copy, bits):
+            with _KEYS_GUARD:
+                if k in _KEYS_MEMO:
+                    _KEYS_MEMO.move_to_end(k)
+            return keys.copy()
+    keys = _hash_rows(X)
+    with _KEYS_GUARD:
+        _KEYS_MEMO[object()] = (bits.copy(), keys.copy())
+        while _keys_memo_bytes() > limit:
+            _KEYS_MEMO.popitem(last=False)
+    return keys
+
+
+def _keys_memo_bytes():
+    return sum(copy.nbytes + keys.nbytes for copy, keys in _KEYS_MEMO.values())
+
+
+def _hash_rows(X):
     """:func:`row_keys` of every row of X, hashed in blocks of a few MiB."""
     n = X.shape[0]
     row_bytes = max(1, int(np.prod(X.shape[1:], dtype=np.int64)) * X.dtype.itemsize)

@@ -15,14 +15,16 @@ from ._moments import ROW_BUDGET
 from ._torch import as_device_arrays, floating_dtype, forward_rows, from_numpy, module_device, to_float64
 
 
-def cached_extractor(net, X, cache, digest=None):
+def cached_extractor(net, X, cache, digest=None, trusted=False):
     """The feature cache for this extractor and X, or None (``cache`` off, no extractor, or an
     extractor that the cache must not serve).
 
     ``digest`` is a :class:`~skl_transfer._fingerprint.Digest` of ``net`` computed earlier (the
     fitted copy's, from fit): it is reused only while ``net`` still matches it (same tensors,
     version counters, code, attributes and hooks), else recomputed; a plain string (from a
-    pickle) is never trusted. An extractor that cannot be keyed
+    pickle) is never trusted. With ``trusted``, a :class:`~skl_transfer._fingerprint.Digest`
+    is reused without that check: ``net`` is a shared frozen copy (:mod:`._frozen`), which
+    nothing writes to. An extractor that cannot be keyed
     (:class:`~skl_transfer._fingerprint.Unkeyable`) is not cached, with one warning per process
     and cause.
 
@@ -39,7 +41,8 @@ def cached_extractor(net, X, cache, digest=None):
     """
     if net is None or cache is False or cache is None:
         return None
-    if not _fingerprint.still_valid(digest, net):
+    trusted = trusted and isinstance(digest, _fingerprint.Digest)
+    if not trusted and not _fingerprint.still_valid(digest, net):
         try:
             digest = _fingerprint.fingerprint(net)
         except _fingerprint.Unkeyable as err:

@@ -581,7 +581,9 @@ def _global_state(w):
         w.hook(mode, f"the active torch mode {type(mode).__qualname__}")
 
 
-def _walk(net):
+def walk(net):
+    """The traversal of ``net``: ``hexdigest()`` keys everything but tensor contents, and
+    ``tensors`` lists the tensors met, in order. Raises :class:`Unkeyable`."""
     w = _Walk()
     _global_state(w)
     w.put(repr(net))  # extra_repr may show what an object attribute (keyed by type) holds
@@ -608,7 +610,7 @@ class Digest(str):
 
     def matches(self, net):
         try:
-            w = _walk(net)
+            w = walk(net)
         except Unkeyable:
             return False
         return w.hexdigest() == self._stamp and _same_refs(self._refs, _refs(w.tensors))
@@ -632,7 +634,7 @@ def _same_refs(a, b):
 
 def fingerprint(net):
     """The :class:`Digest` of an extractor; raises :class:`Unkeyable` when part of it cannot be keyed."""
-    w = _walk(net)
+    w = walk(net)
     stamp = w.hexdigest()
     h = hashlib.blake2b(stamp.encode(), digest_size=20)
     try:
@@ -647,7 +649,7 @@ def fingerprint(net):
 def fingerprint_state(net):
     """A :class:`Digest` of ``net`` without its value (tensor contents are not hashed), for
     :meth:`Digest.matches` only: whether ``net`` changes between two points."""
-    w = _walk(net)
+    w = walk(net)
     return Digest("", w.hexdigest(), _refs(w.tensors))
 
 

@@ -1,0 +1,128 @@
+"""The frozen copy a fit works on, kept for the next fit of the same, unchanged extractor.
+
+A fit never runs the user's module: it works on a private copy (:func:`~._torch.frozen_copy`:
+eval mode, gradients off), whose digest keys the feature cache. Copying and hashing the
+extractor again for each fit of a search costs more than the search's solves (a
+ResNet-50-sized model: about 80 ms to copy and 150 ms to hash, for each of 151 fits), so with
+the feature cache on and the CPU as device, the copy one fit made, and the digests computed
+from it, are kept for the next fit of the same module object in the same thread. They are
+reused only while the module still equals the copy:
+
+* the same walk (:func:`~._fingerprint.fingerprint_state`'s: the classes' code, attributes,
+  hooks, torch's global state, and which tensors sit where), and
+* bitwise the same contents of every parameter, buffer and tensor attribute, compared with the
+  copy's at every fit. Version counters are not trusted: a write through ``.data`` or a numpy
+  view moves none.
+
+The copy is then shared by the estimators fitted from it; nothing of skl_transfer writes to
+it, and ``extractor_`` gives a user a copy of their own (:meth:`~._base.AdapterBase.extractor_`).
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+from . import _fingerprint
+from ._layers import LayerInput
+from ._torch import frozen_copy
+
+MAX_THREADS = 4  # copies kept per module: one per thread (threaded searches), the latest ones
+_MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user's module -> {thread: Frozen}
+_LOCK = threading.Lock()
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+class Frozen:
+    """A frozen copy ``net`` of a user's module, the wrappers made of it and their digests."""
+
+    def __init__(self, net, stamp=None, tensors=()):
+        self.net = net
+        self._stamp, self._tensors = stamp, tensors  # the user's module's, when kept
+        self._layers = {}  # layer name -> LayerInput(net, name), the same wrapper each fit
+        self._digests = {}  # id(wrapper or net) -> Digest
+
+    def layer(self, name):
+        """``LayerInput(net, name)``: the same object at each fit of a kept copy."""
+        wrapper = self._layers.get(name)
+        if wrapper is None:
+            wrapper = LayerInput(self.net, name)
+            if self._stamp is not None:
+                self._layers[name] = wrapper
+        return wrapper
+
+    def digest(self, net):
+        """The digest computed for ``net`` (the copy or a wrapper of it) by an earlier fit, or None."""
+        return self._digests.get(id(net))
+
+    def remember(self, net, digest):
+        if self._stamp is not None and digest is not None:
+            self._digests[id(net)] = digest
+
+    def matches(self, module):
+        """Whether ``module`` still equals the copy: the same walk and the same bits."""
+        try:
+            w = _fingerprint.walk(module)
+        except _fingerprint.Unkeyable:
+            return False
+        return (
+            w.hexdigest() == self._stamp
+            and len(w.tensors) == len(self._tensors)
+            and all(map(_same_bits, w.tensors, self._tensors))
+        )
+
+
+def _same_bits(a, b):
+    """Whether tensors ``a`` and ``b`` hold the same bits (NaNs and signed zeros included)."""
+    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or a.layout != b.layout:
+        return False
+    if a.layout != torch.strided or a.is_quantized:
+        return _fingerprint.same_bits(a, b)
+    a, b = a.detach(), b.detach()
+    if a.is_floating_point() or a.is_complex():
+        a, b = a.view(_INT[a.element_size()]), b.view(_INT[b.element_size()])
+    return torch.equal(a, b)
+
+
+def frozen(module, device, keep):
+    """A :class:`Frozen` copy of ``module`` on ``device`` for a fit.
+
+    With ``keep`` (the estimator's feature cache is on), a copy on the CPU is kept for the next
+    fit of ``module`` in this thread, and that fit gets it back when ``module`` still equals it
+    (:meth:`Frozen.matches`); otherwise a new copy is made.
+    """
+    device = torch.device(device)
+    if not keep or device.type != "cpu":
+        return Frozen(frozen_copy(module, device))
+    thread = threading.get_ident()
+    with _LOCK:
+        kept = _MEMO.get(module, {}).get(thread)
+    if kept is not None and kept.matches(module):
+        return kept
+    net = frozen_copy(module, device)
+    try:
+        w = _fingerprint.walk(module)
+        copy_tensors = _fingerprint.walk(net).tensors
+    except _fingerprint.Unkeyable:
+        return Frozen(net)
+    if len(copy_tensors) != len(w.tensors) or not all(map(_same_bits, w.tensors, copy_tensors)):
+        return Frozen(net)  # a copy that differs from its module (a custom __deepcopy__): not kept
+    made = Frozen(net, w.hexdigest(), copy_tensors)
+    with _LOCK:
+        try:
+            per_thread = _MEMO.setdefault(module, {})
+        except TypeError:  # a module that cannot be weakly referenced
+            return made
+        per_thread.pop(thread, None)
+        per_thread[thread] = made
+        while len(per_thread) > MAX_THREADS:
+            per_thread.pop(next(iter(per_thread)))
+    return made
+
+
+def forget():
+    """Drop every kept copy (:func:`~skl_transfer.clear_cache`)."""
+    with _LOCK:
+        _MEMO.clear()

@@ -1,0 +1,110 @@
+"""The frozen copy and the row keys kept for the next fit (issue 16): a search copies and hashes
+an unchanged extractor once, hashes each fold once, and every change is still seen (oracles: a
+fit with the cache off, and the row hash computed afresh)."""
+
+import numpy as np
+import pytest
+import torch
+from numpy.testing import assert_allclose, assert_array_equal
+from sklearn.model_selection import GridSearchCV
+from torch import nn
+
+from skl_transfer import LayerVariationalAdapter, _cache, _fingerprint, _frozen, clear_cache
+
+
+def _body(width=16, d_in=6):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d_in, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh()).double()
+
+
+def _data(n=80, d_in=6):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(n, d_in))
+    return X, X[:, 0] - 0.5 * X[:, 1] + 0.1 * rng.normal(size=n)
+
+
+def test_a_search_copies_and_hashes_an_unchanged_extractor_once(monkeypatch):
+    clear_cache()
+    body, head = _body(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    copies, hashes = [], []
+    real_copy, real_hash = _frozen.frozen_copy, _fingerprint.fingerprint
+    monkeypatch.setattr(_frozen, "frozen_copy", lambda m, d: copies.append(1) or real_copy(m, d))
+    monkeypatch.setattr(_fingerprint, "fingerprint", lambda net: hashes.append(1) or real_hash(net))
+    grid = {"alpha": [0.01, 0.1, 1.0, 10.0]}
+    search = GridSearchCV(LayerVariationalAdapter(body, head, cache=True), grid, cv=3).fit(X, y)
+    assert (len(copies), len(hashes)) == (1, 1)  # 13 fits and 12 predicts
+    oracle = GridSearchCV(LayerVariationalAdapter(body, head, cache=False), grid, cv=3).fit(X, y)
+    assert_allclose(search.cv_results_["mean_test_score"], oracle.cv_results_["mean_test_score"], rtol=1e-10)
+    assert_allclose(search.best_estimator_.coef_, oracle.best_estimator_.coef_, rtol=1e-10)
+
+
+@pytest.mark.parametrize("how", ["no_grad in place", ".data", "numpy view", "training flag", "negative zero"])
+def test_a_kept_copy_is_not_reused_once_the_extractor_changed(how):
+    clear_cache()
+    body, head = _body(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    body[2].bias.data[0] = 0.0
+    first = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    if how == "no_grad in place":
+        with torch.no_grad():
+            body[2].bias.add_(0.5)
+    elif how == ".data":  # no version counter moves
+        body[2].weight.data[3, 5] += 1.0
+    elif how == "numpy view":
+        body[0].weight.detach().numpy()[1, 2] *= -3.0
+    elif how == "training flag":  # a user's module in train mode: the copy is eval all the same
+        body.train(not body.training)
+    else:  # the same value, other bits: the digest is bitwise, so the copy must follow
+        body[2].bias.data[0] = -0.0
+    second = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    oracle = LayerVariationalAdapter(body, head, cache=False).fit(X, y)
+    for a, b in zip(second.extractor_.parameters(), body.parameters(), strict=True):
+        assert torch.equal(a.view(torch.int64), b.view(torch.int64))
+    assert_allclose(second.coef_, oracle.coef_, rtol=1e-10, atol=1e-12)
+    assert_allclose(second.predict(X), oracle.predict(X), rtol=1e-10, atol=1e-12)
+    changed = how not in ("training flag", "negative zero")
+    assert changed == (np.abs(first.coef_ - second.coef_).max() > 1e-6)
+
+
+def test_extractor_gives_each_estimator_its_own_copy_and_predict_follows_it():
+    clear_cache()
+    body, head = _body(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    one = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    two = LayerVariationalAdapter(body, head, alpha=2.0, cache=True).fit(X, y)
+    assert one._extractor is two._extractor  # shared while nobody holds it
+    mine = one.extractor_
+    assert mine is one.extractor_ and mine is not two._extractor
+    assert all(p is not q for p, q in zip(mine.parameters(), body.parameters(), strict=True))
+    with torch.no_grad():
+        mine[0].weight.mul_(2.0)  # an edit to a fitted attribute: this estimator's alone
+    with torch.no_grad():
+        Z = mine(torch.from_numpy(X)).numpy()
+    assert_allclose(one.predict(X), Z @ one.coef_ + one.intercept_, rtol=1e-10, atol=1e-12)
+    oracle = LayerVariationalAdapter(body, head, alpha=2.0, cache=False).fit(X, y)
+    assert_allclose(two.predict(X), oracle.predict(X), rtol=1e-10, atol=1e-12)
+    three = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    assert_allclose(three.coef_, LayerVariationalAdapter(body, head, cache=False).fit(X, y).coef_, rtol=1e-10)
+
+
+def test_the_row_keys_kept_for_an_array_are_those_of_its_bits():
+    clear_cache()
+    rng = np.random.default_rng(1)
+    wide = rng.normal(size=(50, 3, 40)).astype(np.float32)  # 480 bytes a row: the multilinear hash
+    image = rng.normal(size=(20, 1, 32, 32)).astype(np.float32)  # 4 KB a row: SHA-256
+    for X in (wide, image):
+        fresh = _cache._hash_rows(X)
+        assert_array_equal(_cache._keys_of(X), fresh)
+        assert_array_equal(_cache._keys_of(X.copy()), fresh)  # an equal array: the kept keys
+        edited = X.copy()
+        edited.reshape(len(X), -1)[7, 5] += 1.0
+        keys = _cache._keys_of(edited)
+        assert_array_equal(keys, _cache._hash_rows(edited))
+        assert (keys[7] != fresh[7]).any() and (np.delete(keys, 7, 0) == np.delete(fresh, 7, 0)).all()
+        signed = X.copy()
+        signed.reshape(len(X), -1)[3, 0] = -0.0
+        X.reshape(len(X), -1)[3, 0] = 0.0
+        assert_array_equal(_cache._keys_of(signed), _cache._hash_rows(signed))
+        assert_array_equal(_cache._keys_of(X), _cache._hash_rows(X))
+        assert (_cache._keys_of(signed)[3] != _cache._keys_of(X)[3]).any()
