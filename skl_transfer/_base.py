@@ -33,7 +33,7 @@ from ._layers import (
     replace_layer,
 )
 from ._moments import accumulate_moments
-from ._torch import floating_dtype, frozen_copy, input_batch, resolve_device, to_numpy
+from ._torch import floating_dtype, frozen_copy, input_batch, module_device, resolve_device, to_numpy
 from ._validation import check_input, check_sample_weight, check_target
 
 
@@ -473,7 +473,8 @@ class BaseAdapter(BaseEstimator):
         # (_frozen): nothing here writes to it, and extractor_ gives a user a copy of their own
         previous = self.__dict__.get("_extractor")
         shared = self.__dict__.get("_extractor_shared", False)
-        self._extractor = None if net is None else net.to("cpu")
+        on_cpu = net is None or module_device(net).type == "cpu"  # else moved (Module.to walks the tree)
+        self._extractor = net if on_cpu else net.to("cpu")
         self._extractor_shared = net is not None and (net is not previous or shared)
         self._extractor_on_device = None
         # a named layer: what to_module restores on its copy of the whole model

@@ -10,6 +10,7 @@ numpy arrays (:func:`to_numpy`, :func:`to_float64`, :func:`host_bits`, :func:`fr
 from __future__ import annotations
 
 import copy
+import itertools
 import warnings
 
 import numpy as np
@@ -86,14 +87,14 @@ def frozen_copy(module, device):
 
 def floating_dtype(module):
     """The dtype of the module's first floating-point parameter or buffer, or None."""
-    for t in (*module.parameters(), *module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers()):
         if t.is_floating_point():
             return t.dtype
     return None
 
 
 def module_device(module):
-    for t in (*module.parameters(), *module.buffers()):
+    for t in itertools.chain(module.parameters(), module.buffers()):
         return t.device
     return torch.device("cpu")
 
@@ -104,13 +105,11 @@ def input_batch(X, sl, device, dtype):
     Floating inputs are cast to the extractor's dtype; the copy guarantees that an
     in-place first layer can never write into the user's array.
     """
-    if is_tensor(X):
-        xb = X[sl].detach()
-    else:
-        xb = torch.from_numpy(np.array(X[sl], copy=True, order="C"))
+    copied = not is_tensor(X)  # numpy rows are copied here; a tensor's are copied by .to
+    xb = torch.from_numpy(np.array(X[sl], copy=True, order="C")) if copied else X[sl].detach()
     if dtype is not None and xb.is_floating_point():
-        return xb.to(device=device, dtype=dtype, copy=True)
-    return xb.to(device=device, copy=True)
+        return xb.to(device=device, dtype=dtype, copy=not copied)
+    return xb.to(device=device, copy=not copied)
 
 
 def forward(net, xb):
