@@ -4,8 +4,15 @@ A ResNet-50-shaped extractor (random weights, built here: a 7 x 7 stem and 16 bo
 blocks, 150 modules, 21 M parameters; ``--quick``: a 4-layer CNN) and, timed side by side in
 one process (medians of --repeats runs):
 
-* ``copy``: the private frozen copy every fit makes (``copy.deepcopy``, eval mode, no grad);
-* ``hash``: the digest of that copy (every weight hashed), which keys the feature cache;
+* ``copy``: the private frozen copy a fit makes (``copy.deepcopy``, eval mode, no grad);
+* ``hash``: the digest of that copy (every weight hashed), which keys the feature cache; a
+  fit with the cache off, and the first fit of a module, pay both;
+* ``next_fit``: what the next fit of the same unchanged module pays instead (the cache on, the
+  CPU): the walk of the module (code, attributes, hooks) and a bitwise comparison of every
+  tensor with the kept copy's, which finds a write that no version counter saw (``.data``, a
+  numpy view); ``next_fit_walk`` and ``next_fit_compare`` are its two parts;
+* ``read_weights``: one pass over the weights' bytes (``torch.sum`` of each tensor, 2 threads),
+  the floor of any check that reads every weight;
 * ``state``: the walk of the module tree without hashing the weights (what
   ``Digest.matches`` costs, the check that a fitted copy is unchanged at predict);
 * ``sklearn_clone``: ``sklearn.base.clone`` of an estimator holding the extractor, which
@@ -26,7 +33,7 @@ from _common import barh_figure, median_time, parser, write_csv
 from sklearn.base import clone
 from torch import nn
 
-from skl_transfer import LayerVariationalAdapter, _fingerprint
+from skl_transfer import LayerVariationalAdapter, _fingerprint, _frozen
 from skl_transfer._torch import frozen_copy
 
 
@@ -66,6 +73,14 @@ def main(argv=None):
     t_copy, _ = median_time(lambda: frozen_copy(net, "cpu"), args.repeats)
     t_hash, _ = median_time(lambda: _fingerprint.fingerprint(first), args.repeats)
     t_state, _ = median_time(lambda: _fingerprint.fingerprint_state(first), args.repeats)
+    kept = _frozen.frozen(net, "cpu", keep=True)
+    t_next, again = median_time(lambda: _frozen.frozen(net, "cpu", keep=True), args.repeats)
+    assert again is kept  # the next fit gets the kept copy back
+    t_walk, _ = median_time(lambda: _fingerprint.walk(net).hexdigest(), args.repeats)
+    tensors = _fingerprint.walk(net).tensors
+    pairs = list(zip(tensors, _fingerprint.walk(kept.net).tensors, strict=True))
+    t_cmp, _ = median_time(lambda: all(_frozen._same_bits(a, b) for a, b in pairs), args.repeats)
+    t_read, _ = median_time(lambda: [t.sum() for t in tensors], args.repeats)
     est = LayerVariationalAdapter(net, None)
     t_clone, _ = median_time(lambda: clone(est), args.repeats)
     t_deep, _ = median_time(lambda: copy.deepcopy(net), args.repeats)
@@ -73,12 +88,17 @@ def main(argv=None):
         dict(step="frozen copy (every fit)", seconds=t_copy),
         dict(step="digest, every weight hashed (every fit)", seconds=t_hash),
         dict(step="walk without hashing (predict's check)", seconds=t_state),
+        dict(step="next fit of the unchanged module: all", seconds=t_next),
+        dict(step="next fit: walk of the module", seconds=t_walk),
+        dict(step="next fit: bitwise compare with the copy", seconds=t_cmp),
+        dict(step="one read of every weight (floor)", seconds=t_read),
         dict(step="sklearn clone of the estimator (now)", seconds=t_clone),
         dict(step="deepcopy of the extractor (clone before)", seconds=t_deep),
     ]
     for r in rows:
         print(f"{r['step']:<48} {1000 * r['seconds']:9.2f} ms")
     print(f"clone now / before: {t_clone / t_deep:.4f}")
+    print(f"next fit / (copy + hash): {t_next / (t_copy + t_hash):.3f}")
     name = "bench_fingerprint_quick" if args.quick else "bench_fingerprint"
     path = write_csv(name, [dict(r, parameters=n_params, modules=n_modules) for r in rows])
     barh_figure(

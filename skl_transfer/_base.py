@@ -407,7 +407,7 @@ class BaseAdapter(BaseEstimator):
         self._block_start = (spec.geometry.signature(), fit.block.body_params(), fit.damping or (None, None))
         return spec, solution
 
-    def _features(self, net, X, desc="features", cached=None, use_cache=True, first_alone=True):
+    def _features(self, net, X, desc="features", cached=None, use_cache=True):
         """The feature stream of X (:func:`feature_batches`), with a tqdm progress bar over
         batches when verbose."""
         if cached is None and use_cache:  # predict: the fitted copy's digest, recomputed if it changed
@@ -416,9 +416,8 @@ class BaseAdapter(BaseEstimator):
             cached = cached_extractor(net, X, self.cache, getattr(self, "_weights_digest", None), trusted)
             if cached is not None:
                 self._weights_digest = cached.digest  # what net matches now (its tensors' identities)
-        batches = feature_batches(net, X, self._forward_batch_size, cached, first_alone)
-        size, alone = self._forward_batch_size, int(first_alone and net is not None)
-        n_batches = 0 if X.shape[0] == 0 else alone + -(-(X.shape[0] - alone) // size)
+        batches = feature_batches(net, X, self._forward_batch_size, cached)
+        n_batches = 0 if X.shape[0] == 0 else 1 + -(-(X.shape[0] - 1) // self._forward_batch_size)
         return self._progress(batches, n_batches if net is not None else None, desc)
 
     def _progress(self, iterable, total, desc):
@@ -563,7 +562,7 @@ class BaseAdapter(BaseEstimator):
         float32 = ridge and np.asarray(self.coef_).dtype == np.float32 and _is_float32(X)
         X, _ = self._validate_X(X, reset=False)
         coef, intercept = self._coef_2d()
-        batches = self._features(self._runtime_extractor(), X, desc="predict", first_alone=False)
+        batches = self._features(self._runtime_extractor(), X, desc="predict")
         out = head_outputs(batches, X.shape[0], [(coef, intercept)], spec.geometry, spec.feature_shape)[0]
         if ridge and spec.y_shape == (1,):
             return out[:, 0].astype(np.float32 if float32 else np.float64)  # Ridge: (n,) for y (n, 1)

@@ -369,7 +369,7 @@ class LayerVariationalAdapterCV(RidgeUpdateMixin, AdapterRegressorMixin, BaseAda
                 heads = [(spec.W0 + dWt.T, spec.b0 + db) for dWt, db in path]
                 Xte = p.X[test]
                 cached = cached_extractor(p.net, Xte, self.cache, p.digest, trusted=True)  # this fit's copy
-                batches = self._features(p.net, Xte, cached=cached, first_alone=False)
+                batches = self._features(p.net, Xte, cached=cached)
                 outs = head_outputs(batches, len(test), heads, spec.geometry, spec.feature_shape)
                 for j, out in enumerate(outs):
                     yield f, j, out

@@ -98,15 +98,14 @@ def _probe(net, X, device, dtype, first=None):
     return first
 
 
-def feature_batches(net, X, batch_size, cached=None, first_alone=True):
+def feature_batches(net, X, batch_size, cached=None):
     """Yield ``(slice, Z, dtype, shape)``: features flattened to float64 tensors (b, d) on the
     net's device, the extractor's output dtype and its per-sample output shape.
 
     ``net`` is a frozen copy from :func:`frozen_copy`, or None when X (a float64 numpy
     array) already holds the features. ``dtype`` is the extractor's output dtype. With an
-    extractor and ``first_alone``, the first batch is the first sample alone (a fit's: the
-    features' shape is checked before the bulk of the work; ``predict`` runs on X of the
-    fitted input shape, in full batches from the start). ``cached`` is a
+    extractor, the first batch is the first sample alone (and so in ``predict`` too, whose
+    features then have the bits of the fit's, served from the cache or not). ``cached`` is a
     :func:`cached_extractor` or None: cached rows skip the extractor, which runs only on the
     rows of a batch that no cache holds.
     Features stay on the device: the work on them (moments, predictions) is done by torch
@@ -118,11 +117,10 @@ def feature_batches(net, X, batch_size, cached=None, first_alone=True):
         device, dtype = module_device(net), floating_dtype(net)
     # The first sample goes alone: shape errors and the feature size surface after one
     # sample, before the bulk of the work.
-    first_alone = first_alone and net is not None
-    starts = [0, *range(1, n, batch_size)] if first_alone else range(0, n, batch_size)
+    starts = [0, *range(1, n, batch_size)] if net is not None else range(0, n, batch_size)
     try:
         for start in starts:
-            sl = slice(start, 1 if start == 0 and first_alone else min(start + batch_size, n))
+            sl = slice(start, 1 if start == 0 and net is not None else min(start + batch_size, n))
             if net is None:
                 yield sl, from_numpy(X[sl]), torch.float64, X.shape[1:]
                 continue
