@@ -97,7 +97,7 @@ def frozen(module, device, keep):
     if not keep or device.type != "cpu":
         return Frozen(frozen_copy(module, device))
     thread = threading.get_ident()
-    with _LOCK:
+    with _LOCK:  # (torch's own named_modules needs hashable modules too)
         kept = _MEMO.get(module, {}).get(thread)
     if kept is not None and kept.matches(module):
         return kept
@@ -111,10 +111,7 @@ def frozen(module, device, keep):
         return Frozen(net)  # a copy that differs from its module (a custom __deepcopy__): not kept
     made = Frozen(net, w.hexdigest(), copy_tensors)
     with _LOCK:
-        try:
-            per_thread = _MEMO.setdefault(module, {})
-        except TypeError:  # a module that cannot be weakly referenced
-            return made
+        per_thread = _MEMO.setdefault(module, {})
         per_thread.pop(thread, None)
         per_thread[thread] = made
         while len(per_thread) > MAX_THREADS:
