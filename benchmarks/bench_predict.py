@@ -1,18 +1,25 @@
 """Predict time of a fitted LayerVariationalAdapter against the bare forward pass plus the head.
 
 The MLP body of bench_fit.py (64 inputs, d = 512 features), fitted on 1,000 samples, predicts
-1,000 rows (--rows). Timed side by side in one process, the calls interleaved (medians of
---repeats rounds after two warm-up rounds, so that both see the same machine):
+1,000 rows (--rows). Timed side by side in one process, the calls interleaved in a shuffled
+order each round (medians of --repeats rounds after two warm-up rounds, so that all see the same
+machine and none always runs after the same call):
 
 * ``predict_cache_off`` / ``predict_cache_auto``: ``est.predict(X)`` of an adapter fitted
   with ``cache=False`` / the default ``cache="auto"`` (which measures the MLP as too cheap to
-  cache): validation, the fitted copy's forward pass, features to float64, the head in float64;
+  cache): validation, the fitted copy's forward pass (the first sample alone, then batches of
+  ``batch_size=256``), features to float64, the head in float64;
+* ``predict_batch_1024``: the same with ``batch_size=1024`` (two forward passes: the first
+  sample, then the other 999 at once, as the bare script's one pass);
 * ``bare``: what a user would write with the adapted weights: ``body(X) @ W.T + b`` under
   ``torch.no_grad`` in the body's float32, to numpy;
 * ``bare_float64_head``: the same forward pass, the head applied in float64 as ``predict``
   does (its predictions are the float64 head's, not float32's).
 
-Predictions agree with the float64-head script to 1e-12 relative (asserted).
+Predictions agree with the float64-head script to float32 rounding (1e-6 relative, asserted):
+``predict`` runs the first sample alone, as the fit does, so that cached and uncached
+predictions have the same bits, and one sample alone rounds differently in float32; every
+other row agrees to 1e-12 (asserted).
 
     python benchmarks/bench_predict.py
     python benchmarks/bench_predict.py --quick
@@ -46,6 +53,7 @@ def main(argv=None):
     y = np.tanh(X[:, 0]) + 0.1 * rng.normal(size=1000)
     Xp = rng.normal(size=(args.rows, n_in)).astype(np.float32)
     fitted = {c: LayerVariationalAdapter(body, head, alpha=1.0, cache=c).fit(X, y) for c in (False, "auto")}
+    fitted[1024] = LayerVariationalAdapter(body, head, alpha=1.0, cache=False, batch_size=1024).fit(X, y)
     coef = fitted[False].coef_
     W32, W64 = torch.as_tensor(coef, dtype=torch.float32), torch.as_tensor(coef, dtype=torch.float64)
 
@@ -60,21 +68,23 @@ def main(argv=None):
     calls = {
         "predict_cache_off": lambda: fitted[False].predict(Xp),
         "predict_cache_auto": lambda: fitted["auto"].predict(Xp),
+        "predict_batch_1024": lambda: fitted[1024].predict(Xp),
         "bare": bare,
         "bare_float64_head": bare64,
     }
     times = {k: [] for k in calls}
+    order = np.random.default_rng(1)
     for r in range(repeats + 2):
-        for k, f in calls.items():
+        for k in order.permutation(list(calls)):
             t0 = time.perf_counter()
-            f()
+            calls[k]()
             if r >= 2:
                 times[k].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
     ref = bare64()
     for c, est in fitted.items():
-        rel = np.abs(est.predict(Xp) - ref).max() / np.abs(ref).max()
-        assert rel < 1e-12, (c, rel)
+        diff = np.abs(est.predict(Xp) - ref) / np.abs(ref).max()
+        assert diff.max() < 1e-6 and diff[1:].max() < 1e-12, (c, diff.max(), diff[1:].max())
     threads = torch.get_num_threads()
     print(f"predict on {args.rows} rows, MLP d = {d}, {threads} threads, medians of {repeats}")
     rows = []
