@@ -257,7 +257,7 @@ class BaseAdapter(BaseEstimator):
             )
         X, _ = self._validate_X(X, reset=True)  # y is checked in _start, once the layer is known
         device = resolve_device(self.device)
-        copied = _frozen.frozen(self.extractor, device, keep=self.cache is not False)
+        copied = _frozen.frozen(self.extractor, device, keep=False)  # a named layer's: not kept
         net = copied.net
         name = last_called_layer(net, input_batch(X, slice(0, 1), device, floating_dtype(net)))
         self._auto_head = (name, copied)
@@ -331,12 +331,13 @@ class BaseAdapter(BaseEstimator):
         fit_intercept = self._resolve_fit_intercept(prior)
 
         t0 = time.perf_counter()
+        name = self._layer_name()
         if probed is not None:  # head="auto": the copy the layer was found (and checked) in
             copied = probed[1]
-        elif self.extractor is not None:
-            copied = _frozen.frozen(self.extractor, device, keep=self.cache is not False)
+        elif self.extractor is not None:  # kept for the next fit: the cache on, no named layer
+            keep = self.cache not in (False, None) and name is None
+            copied = _frozen.frozen(self.extractor, device, keep=keep)
         net = None if self.extractor is None else copied.net
-        name = self._layer_name()
         if name is not None:  # a named layer: its input is the features
             if probed is None:
                 check_called_once(net, name, input_batch(X, slice(0, 1), device, floating_dtype(net)))
@@ -470,11 +471,9 @@ class BaseAdapter(BaseEstimator):
         self._record_input(X)
         # the copy the fit ran on, shared with other fits of the same unchanged extractor
         # (_frozen): nothing here writes to it, and extractor_ gives a user a copy of their own
-        previous = self.__dict__.get("_extractor")
-        shared = self.__dict__.get("_extractor_shared", False)
         on_cpu = net is None or module_device(net).type == "cpu"  # else moved (Module.to walks the tree)
         self._extractor = net if on_cpu else net.to("cpu")
-        self._extractor_shared = net is not None and (net is not previous or shared)
+        self._extractor_shared = _frozen.is_shared(net)
         self._extractor_on_device = None
         # a named layer: what to_module restores on its copy of the whole model
         self._export_state = export_state(self.extractor) if isinstance(net, LayerInput) else None
@@ -612,8 +611,10 @@ class BaseAdapter(BaseEstimator):
 
     def __setstate__(self, state):
         if "extractor_" in state:  # pickled before extractor_ became a property
-            state = {**state, "_extractor": state["extractor_"], "_extractor_shared": False}
-            del state["extractor_"]
+            state = dict(state)
+            state["_extractor"] = state.pop("extractor_")
+        if "_extractor" in state:  # estimators unpickled together may share their copy
+            state = {**state, "_extractor_shared": state["_extractor"] is not None}
         super().__setstate__(state)
 
     def __getstate__(self):

@@ -719,6 +719,9 @@ def set_cache_limit(max_bytes):
     with _MEMORY._guard:
         _MEMORY.max_bytes = int(max_bytes)
         _MEMORY._evict()
+    with _KEYS_GUARD:  # the inputs kept with their row keys: at most a quarter of the bound
+        while _KEYS_MEMO and _keys_memo_bytes() > min(_KEYS_MEMO_BYTES, int(max_bytes) // 4):
+            _KEYS_MEMO.popitem(last=False)
 
 
 def clear_cache(directory=None):
@@ -856,7 +859,7 @@ def _keys_of(X):
     if (
         not isinstance(X, np.ndarray)
         or X.dtype == object
-        or X.nbytes > limit // 8
+        or X.nbytes > limit // 4
         or X.nbytes <= _MULTILINEAR_BYTES * max(1, X.shape[0])
     ):
         return _hash_rows(X)
@@ -967,7 +970,7 @@ class CachedExtractor:
             return
         m = min(n_rows, _AUTO_SAMPLE_ROWS)
         start = time.perf_counter()
-        keys = _keys_of(X[sl.start : sl.start + m])
+        keys = _hash_rows(X[sl.start : sl.start + m])  # what hashing costs (no kept keys)
         _argsort_keys(keys[:, 0].copy())
         pending[sl.start, sl.stop][1][:m].copy()
         cache_row = _AUTO_COST_FACTOR * (time.perf_counter() - start) / m
@@ -1100,9 +1103,10 @@ class _Deferred:
 def _reset_locks_after_fork():
     """In a forked child, no thread of the parent runs on: locks they held would never be
     released, so the child gets fresh ones (and closes the parent's inherited lock files)."""
-    global _DISKS_GUARD, _CHOICES_GUARD
+    global _DISKS_GUARD, _CHOICES_GUARD, _KEYS_GUARD
     _DISKS_GUARD = threading.Lock()
     _CHOICES_GUARD = threading.Lock()
+    _KEYS_GUARD = threading.Lock()
     _MEASURING.clear()  # measurements of the parent's threads never end here
     _diskcache.after_fork_in_child()
     _MEMORY.reset_locks()

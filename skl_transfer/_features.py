@@ -23,10 +23,10 @@ def cached_extractor(net, X, cache, digest=None, trusted=False):
     fitted copy's, from fit): it is reused only while ``net`` still matches it (same tensors,
     version counters, code, attributes and hooks), else recomputed; a plain string (from a
     pickle) is never trusted. With ``trusted``, a :class:`~skl_transfer._fingerprint.Digest`
-    is reused without that check: ``net`` is a shared frozen copy (:mod:`._frozen`), which
-    nothing writes to. An extractor that cannot be keyed
-    (:class:`~skl_transfer._fingerprint.Unkeyable`) is not cached, with one warning per process
-    and cause.
+    is reused without walking ``net`` again (``net`` is a shared frozen copy, :mod:`._frozen`,
+    which nothing writes to, or the fit's own copy) while torch's global state is as it was.
+    An extractor that cannot be keyed (:class:`~skl_transfer._fingerprint.Unkeyable`) is not
+    cached, with one warning per process and cause.
 
     The first time a model key is seen in this process, its first sample goes through the
     cache with a probe for its computation: if that row is missing from every cache, the
@@ -41,7 +41,7 @@ def cached_extractor(net, X, cache, digest=None, trusted=False):
     """
     if net is None or cache is False or cache is None:
         return None
-    trusted = trusted and isinstance(digest, _fingerprint.Digest)
+    trusted = trusted and isinstance(digest, _fingerprint.Digest) and digest.same_globals()
     if not trusted and not _fingerprint.still_valid(digest, net):
         try:
             digest = _fingerprint.fingerprint(net)

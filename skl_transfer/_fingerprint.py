@@ -317,6 +317,7 @@ class _Walk:
     def __init__(self):
         self._parts = []  # what is hashed, joined once by hexdigest()
         self.tensors = []
+        self.loose = False  # whether some object was keyed by its type only (its state unseen)
         self._seen = {}
         self._alive = []  # keeps every object met alive during the walk: ids stay unique
 
@@ -383,6 +384,7 @@ class _Walk:
                 sub._seen, sub._alive = self._seen, self._alive
                 sub.value(x, strict, where)
                 self.tensors += sub.tensors
+                self.loose |= sub.loose
                 subs.append(sub.hexdigest())
             self.put(t.__qualname__, *sorted(subs))
         elif isinstance(v, torch.nn.Module):
@@ -426,6 +428,7 @@ class _Walk:
         else:  # an object of another kind: its type only (documented)
             self.put("object")
             self.cls(t)
+            self.loose = True
 
     def bound(self, obj, strict, where):
         """The object a method or hook is bound to: a module, a value, or (strict) an object
@@ -581,6 +584,14 @@ def _global_state(w):
         w.hook(mode, f"the active torch mode {type(mode).__qualname__}")
 
 
+def global_stamp():
+    """The hash of torch's global state that changes what a forward computes (default dtype,
+    autocast, matmul precision, global module hooks, active modes), as :func:`walk` keys it."""
+    w = _Walk()
+    _global_state(w)
+    return w.hexdigest()
+
+
 def walk(net):
     """The traversal of ``net``: ``hexdigest()`` keys everything but tensor contents, and
     ``tensors`` lists the tensors met, in order. Raises :class:`Unkeyable`."""
@@ -603,6 +614,10 @@ class Digest(str):
     def __new__(cls, value, stamp, refs):
         self = super().__new__(cls, value)
         self._stamp, self._refs = stamp, refs
+        try:
+            self._globals = global_stamp()
+        except Unkeyable:
+            self._globals = None
         return self
 
     def __reduce__(self):
@@ -614,6 +629,14 @@ class Digest(str):
         except Unkeyable:
             return False
         return w.hexdigest() == self._stamp and _same_refs(self._refs, _refs(w.tensors))
+
+    def same_globals(self):
+        """Whether torch's global state that changes numerics (:func:`global_stamp`) is as it was
+        when the digest was computed: what a digest trusted without a walk must still check."""
+        try:
+            return self._globals is not None and global_stamp() == self._globals
+        except Unkeyable:
+            return False
 
 
 def _refs(tensors):

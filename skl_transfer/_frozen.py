@@ -3,23 +3,31 @@
 A fit never runs the user's module: it works on a private copy (:func:`~._torch.frozen_copy`:
 eval mode, gradients off), whose digest keys the feature cache. Copying and hashing the
 extractor again for each fit of a search costs more than the search's solves (a
-ResNet-50-sized model: about 80 ms to copy and 150 ms to hash, for each of 151 fits), so with
+ResNet-50-sized model: about 80 ms to copy and 190 ms to hash, for each of 151 fits), so with
 the feature cache on and the CPU as device, the copy one fit made, and the digests computed
 from it, are kept for the next fit of the same module object in the same thread. They are
 reused only while the module still equals the copy:
 
-* the same walk (:func:`~._fingerprint.fingerprint_state`'s: the classes' code, attributes,
-  hooks, torch's global state, and which tensors sit where), and
+* the same walk of the module (:func:`~._fingerprint.walk`: the classes' code, attributes,
+  hooks, torch's global state, and which tensors sit where), and the same walk of the copy
+  (a copy whose forward changed its own attributes is not reused);
 * bitwise the same contents of every parameter, buffer and tensor attribute, compared with the
   copy's at every fit. Version counters are not trusted: a write through ``.data`` or a numpy
   view moves none.
 
+Not kept: a module whose walk keys some attribute by its type only (an object of the user's
+own class, whose state the walk cannot see: a kept copy would keep its old state for whole
+fits, where the cache's digest misses only cached rows), and a named layer's model (the
+layer's input is read through a hook registered on the copy during each forward, which
+estimators sharing the copy in several threads would see).
+
 The copy is then shared by the estimators fitted from it; nothing of skl_transfer writes to
-it, and ``extractor_`` gives a user a copy of their own (:meth:`~._base.AdapterBase.extractor_`).
+it, and ``extractor_`` gives a user a copy of their own (:meth:`~._base.BaseAdapter.extractor_`).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -31,16 +39,26 @@ from ._torch import frozen_copy
 
 MAX_THREADS = 4  # copies kept per module: one per thread (threaded searches), the latest ones
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user's module -> {thread: Frozen}
+_SHARED: weakref.WeakSet = weakref.WeakSet()  # every copy ever kept (estimators may share it)
 _LOCK = threading.Lock()
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _reset_after_fork():
+    global _LOCK
+    _LOCK = threading.Lock()  # a fork while another thread held it leaves it held in the child
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 class Frozen:
     """A frozen copy ``net`` of a user's module, the wrappers made of it and their digests."""
 
-    def __init__(self, net, stamp=None, tensors=()):
+    def __init__(self, net, stamp=None, own_stamp=None):
         self.net = net
-        self._stamp, self._tensors = stamp, tensors  # the user's module's, when kept
+        self._stamp, self._own_stamp = stamp, own_stamp  # walks of the module and of the copy, when kept
         self._layers = {}  # layer name -> LayerInput(net, name), the same wrapper each fit
         self._digests = {}  # id(wrapper or net) -> Digest
 
@@ -62,15 +80,17 @@ class Frozen:
             self._digests[id(net)] = digest
 
     def matches(self, module):
-        """Whether ``module`` still equals the copy: the same walk and the same bits."""
+        """Whether ``module`` still equals the copy: both walks as when the copy was kept (the
+        module's and the copy's own), and the module's tensors bitwise the copy's."""
         try:
-            w = _fingerprint.walk(module)
+            w, own = _fingerprint.walk(module), _fingerprint.walk(self.net)
         except _fingerprint.Unkeyable:
             return False
         return (
             w.hexdigest() == self._stamp
-            and len(w.tensors) == len(self._tensors)
-            and all(map(_same_bits, w.tensors, self._tensors))
+            and own.hexdigest() == self._own_stamp
+            and len(w.tensors) == len(own.tensors)
+            and all(map(_same_bits, w.tensors, own.tensors))
         )
 
 
@@ -81,7 +101,9 @@ def _same_bits(a, b):
     if a.layout != torch.strided or a.is_quantized:
         return _fingerprint.same_bits(a, b)
     a, b = a.detach(), b.detach()
-    if a.is_floating_point() or a.is_complex():
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if a.is_floating_point():
         a, b = a.view(_INT[a.element_size()]), b.view(_INT[b.element_size()])
     return torch.equal(a, b)
 
@@ -89,9 +111,9 @@ def _same_bits(a, b):
 def frozen(module, device, keep):
     """A :class:`Frozen` copy of ``module`` on ``device`` for a fit.
 
-    With ``keep`` (the estimator's feature cache is on), a copy on the CPU is kept for the next
-    fit of ``module`` in this thread, and that fit gets it back when ``module`` still equals it
-    (:meth:`Frozen.matches`); otherwise a new copy is made.
+    With ``keep`` (the estimator's feature cache is on, and no named layer), a copy on the CPU
+    is kept for the next fit of ``module`` in this thread, and that fit gets it back when
+    ``module`` still equals it (:meth:`Frozen.matches`); otherwise a new copy is made.
     """
     device = torch.device(device)
     if not keep or device.type != "cpu":
@@ -103,14 +125,15 @@ def frozen(module, device, keep):
         return kept
     net = frozen_copy(module, device)
     try:
-        w = _fingerprint.walk(module)
-        copy_tensors = _fingerprint.walk(net).tensors
+        w, own = _fingerprint.walk(module), _fingerprint.walk(net)
     except _fingerprint.Unkeyable:
         return Frozen(net)
-    if len(copy_tensors) != len(w.tensors) or not all(map(_same_bits, w.tensors, copy_tensors)):
-        return Frozen(net)  # a copy that differs from its module (a custom __deepcopy__): not kept
-    made = Frozen(net, w.hexdigest(), copy_tensors)
+    same = len(own.tensors) == len(w.tensors) and all(map(_same_bits, w.tensors, own.tensors))
+    if w.loose or not same:  # state the walk cannot see, or a copy unlike its module: not kept
+        return Frozen(net)
+    made = Frozen(net, w.hexdigest(), own.hexdigest())
     with _LOCK:
+        _SHARED.add(net)
         per_thread = _MEMO.setdefault(module, {})
         per_thread.pop(thread, None)
         per_thread[thread] = made
@@ -119,7 +142,12 @@ def frozen(module, device, keep):
     return made
 
 
+def is_shared(net):
+    """Whether ``net`` is a copy that was kept, which several estimators may hold."""
+    return net is not None and net in _SHARED
+
+
 def forget():
-    """Drop every kept copy (:func:`~skl_transfer.clear_cache`)."""
+    """Drop every kept copy (:func:`~skl_transfer.clear_cache`); estimators keep theirs."""
     with _LOCK:
         _MEMO.clear()

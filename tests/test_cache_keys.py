@@ -264,7 +264,8 @@ def test_nondeterministic_extractors_are_not_cached(cls, match, cache):
 
 def _fitted(X, y):
     est = LayerVariationalAdapter(make_body(), make_head(), alpha=0.1).fit(X, y)
-    est.predict(X)  # fills the cache with the fitted copy's rows
+    assert est.extractor_ is not None  # its own copy (made on first access): what the edits write
+    est.predict(X)  # fills the cache with the fitted copy's rows, and keys that copy
     return est
 
 
@@ -290,6 +291,7 @@ def test_edited_extractor_is_never_served_stale_rows(edit, pickled):
     est = _fitted(X, y)
     if pickled:
         est = pickle.loads(pickle.dumps(est))
+        assert est.extractor_ is not None
         est.predict(X)  # recomputes the digest (never trusted from the pickle), rows are hits
     with torch.no_grad():
         EDITS[edit](est.extractor_)

@@ -9,7 +9,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.model_selection import GridSearchCV
 from torch import nn
 
-from skl_transfer import LayerVariationalAdapter, _cache, _fingerprint, _frozen, clear_cache
+from skl_transfer import CacheKeyWarning, LayerVariationalAdapter, _cache, _fingerprint, _frozen, clear_cache
 
 
 def _body(width=16, d_in=6):
@@ -61,8 +61,8 @@ def test_a_kept_copy_is_not_reused_once_the_extractor_changed(how):
     oracle = LayerVariationalAdapter(body, head, cache=False).fit(X, y)
     for a, b in zip(second.extractor_.parameters(), body.parameters(), strict=True):
         assert torch.equal(a.view(torch.int64), b.view(torch.int64))
-    assert_allclose(second.coef_, oracle.coef_, rtol=1e-10, atol=1e-12)
-    assert_allclose(second.predict(X), oracle.predict(X), rtol=1e-10, atol=1e-12)
+    assert_array_equal(second.coef_, oracle.coef_)  # the cache promises the same bits
+    assert_array_equal(second.predict(X), oracle.predict(X))
     changed = how not in ("training flag", "negative zero")
     assert changed == (np.abs(first.coef_ - second.coef_).max() > 1e-6)
 
@@ -108,3 +108,124 @@ def test_the_row_keys_kept_for_an_array_are_those_of_its_bits():
         assert_array_equal(_cache._keys_of(signed), _cache._hash_rows(signed))
         assert_array_equal(_cache._keys_of(X), _cache._hash_rows(X))
         assert (_cache._keys_of(signed)[3] != _cache._keys_of(X)[3]).any()
+
+
+def test_the_kept_keys_are_used_only_for_equal_bits(monkeypatch):
+    clear_cache()
+    image = np.random.default_rng(2).normal(size=(30, 1, 32, 32)).astype(np.float32)
+    calls = []
+    real = _cache._hash_rows
+    monkeypatch.setattr(_cache, "_hash_rows", lambda X: calls.append(len(X)) or real(X))
+    first = _cache._keys_of(image)
+    again = _cache._keys_of(image.copy())
+    assert calls == [30]  # the second array was compared, not hashed
+    assert_array_equal(again, first)
+    flipped = image.copy()
+    flipped[29, 0, 31, 31] = np.nextafter(flipped[29, 0, 31, 31], np.inf)  # the last bit of the last row
+    assert_array_equal(_cache._keys_of(flipped), real(flipped))
+    assert calls == [30, 30]
+
+
+def test_predict_sees_a_change_of_torch_global_state():
+    """A shared copy's digest is trusted without a walk, but not across a change of torch's
+    global state (here a global forward hook that doubles every module's output)."""
+    clear_cache()
+    body, head = _body(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    est = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    oracle = LayerVariationalAdapter(body, head, cache=False).fit(X, y)
+    assert_array_equal(est.predict(X), oracle.predict(X))
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: 2.0 * out)
+    try:
+        assert_array_equal(est.predict(X), oracle.predict(X))
+    finally:
+        handle.remove()
+    assert_array_equal(est.predict(X), oracle.predict(X))
+
+
+class _Counting(nn.Module):
+    """A forward that changes its own attribute: its copy is not reused once it ran."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 16, dtype=torch.float64)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return torch.tanh(self.lin(x))
+
+
+def test_a_copy_whose_forward_changed_it_is_not_reused():
+    clear_cache()
+    body, head = _Counting(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    with pytest.warns(CacheKeyWarning, match="changes its own"):
+        first = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    second = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    assert second._extractor is not first._extractor and body.calls == 0
+    assert_array_equal(second.coef_, LayerVariationalAdapter(body, head, cache=False).fit(X, y).coef_)
+
+
+class _Config:
+    def __init__(self, scale):
+        self.scale = scale
+
+
+class _Configured(nn.Module):
+    """A value read from an object of the user's own class: keyed by its type only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 16, dtype=torch.float64)
+        self.config = _Config(1.0)
+
+    def forward(self, x):
+        return torch.tanh(self.config.scale * self.lin(x))
+
+
+def test_a_module_with_state_the_walk_cannot_see_is_copied_for_each_fit():
+    clear_cache()
+    body, head = _Configured(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    first = LayerVariationalAdapter(body, head, cache=True).fit(X[:40], y[:40])
+    body.config.scale = 3.0  # unseen by the digest: rows already cached stay (documented)
+    second = LayerVariationalAdapter(body, head, cache=True).fit(X[40:], y[40:])  # new rows
+    oracle = LayerVariationalAdapter(body, head, cache=False).fit(X[40:], y[40:])
+    assert second._extractor is not first._extractor and second._extractor.config.scale == 3.0
+    assert_array_equal(second.coef_, oracle.coef_)
+
+
+class _Phased(nn.Module):
+    """A complex128 buffer (16-byte elements) in the forward."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 16, dtype=torch.float64)
+        self.register_buffer("phase", torch.full((16,), 0.5 + 0.25j, dtype=torch.complex128))
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x) * self.phase.real + self.phase.imag)
+
+
+def test_a_complex_buffer_is_compared_bitwise():
+    clear_cache()
+    body, head = _Phased(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    first = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    again = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    assert again._extractor is first._extractor
+    body.phase.data[3] = 0.5 - 0.25j  # the imaginary part only, through .data
+    third = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    assert third._extractor is not first._extractor
+    assert_array_equal(third.coef_, LayerVariationalAdapter(body, head, cache=False).fit(X, y).coef_)
+
+
+def test_a_copy_no_other_estimator_holds_is_handed_out_as_it_is():
+    X, y = _data()
+    est = LayerVariationalAdapter(_body(), nn.Linear(16, 1, dtype=torch.float64), cache=False).fit(X, y)
+    held = est._extractor
+    assert est.extractor_ is held  # never kept, so never shared: no second copy
