@@ -8,9 +8,9 @@ one process (medians of --repeats runs):
 * ``hash``: the digest of that copy (every weight hashed), which keys the feature cache; a
   fit with the cache off, and the first fit of a module, pay both;
 * ``next_fit``: what the next fit of the same unchanged module pays instead (the cache on, the
-  CPU): the walk of the module (code, attributes, hooks) and a bitwise comparison of every
-  tensor with the kept copy's, which finds a write that no version counter saw (``.data``, a
-  numpy view); ``next_fit_walk`` and ``next_fit_compare`` are its two parts;
+  CPU): the walks of the module and of the kept copy (code, attributes, hooks) and a bitwise
+  comparison of every tensor with the copy's, which finds a write that no version counter saw
+  (``.data``, a numpy view); the two following rows are its parts;
 * ``read_weights``: one pass over the weights' bytes (``torch.sum`` of each tensor, 2 threads),
   the floor of any check that reads every weight;
 * ``state``: the walk of the module tree without hashing the weights (what
@@ -76,7 +76,9 @@ def main(argv=None):
     kept = _frozen.frozen(net, "cpu", keep=True)
     t_next, again = median_time(lambda: _frozen.frozen(net, "cpu", keep=True), args.repeats)
     assert again is kept  # the next fit gets the kept copy back
-    t_walk, _ = median_time(lambda: _fingerprint.walk(net).hexdigest(), args.repeats)
+    t_walk, _ = median_time(
+        lambda: (_fingerprint.walk(net).hexdigest(), _fingerprint.walk(kept.net).hexdigest()), args.repeats
+    )
     tensors = _fingerprint.walk(net).tensors
     pairs = list(zip(tensors, _fingerprint.walk(kept.net).tensors, strict=True))
     t_cmp, _ = median_time(lambda: all(_frozen._same_bits(a, b) for a, b in pairs), args.repeats)
@@ -85,11 +87,11 @@ def main(argv=None):
     t_clone, _ = median_time(lambda: clone(est), args.repeats)
     t_deep, _ = median_time(lambda: copy.deepcopy(net), args.repeats)
     rows = [
-        dict(step="frozen copy (every fit)", seconds=t_copy),
-        dict(step="digest, every weight hashed (every fit)", seconds=t_hash),
+        dict(step="frozen copy (first fit, or cache off)", seconds=t_copy),
+        dict(step="digest, every weight hashed (same)", seconds=t_hash),
         dict(step="walk without hashing (predict's check)", seconds=t_state),
         dict(step="next fit of the unchanged module: all", seconds=t_next),
-        dict(step="next fit: walk of the module", seconds=t_walk),
+        dict(step="next fit: walks of the module and the copy", seconds=t_walk),
         dict(step="next fit: bitwise compare with the copy", seconds=t_cmp),
         dict(step="one read of every weight (floor)", seconds=t_read),
         dict(step="sklearn clone of the estimator (now)", seconds=t_clone),
