@@ -17,7 +17,8 @@ reused only while the module still equals the copy:
 
 Not kept: a module whose walk keys some attribute by its type only (an object of the user's
 own class, whose state the walk cannot see: a kept copy would keep its old state for whole
-fits, where the cache's digest misses only cached rows), and a named layer's model (the
+fits, where the cache's digest misses only cached rows) or cannot walk at all, both
+remembered so that later fits do not walk it for nothing; and a named layer's model (the
 layer's input is read through a hook registered on the copy during each forward, which
 estimators sharing the copy in several threads would see).
 
@@ -40,6 +41,7 @@ from ._torch import frozen_copy
 MAX_THREADS = 4  # copies kept per module: one per thread (threaded searches), the latest ones
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user's module -> {thread: Frozen}
 _SHARED: weakref.WeakSet = weakref.WeakSet()  # every copy ever kept (estimators may share it)
+_UNKEPT: weakref.WeakSet = weakref.WeakSet()  # modules found not to be keepable: no walks for them
 _LOCK = threading.Lock()
 _INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -120,17 +122,23 @@ def frozen(module, device, keep):
         return Frozen(frozen_copy(module, device))
     thread = threading.get_ident()
     with _LOCK:  # (torch's own named_modules needs hashable modules too)
+        if module in _UNKEPT:
+            return Frozen(frozen_copy(module, device))
         kept = _MEMO.get(module, {}).get(thread)
     if kept is not None and kept.matches(module):
         return kept
     net = frozen_copy(module, device)
     try:
-        w, own = _fingerprint.walk(module), _fingerprint.walk(net)
+        w = _fingerprint.walk(module)
+        if w.loose:  # state the walk cannot see: not kept, now or at later fits
+            raise _fingerprint.Unkeyable("module", "an attribute keyed by its type only")
+        own = _fingerprint.walk(net)
     except _fingerprint.Unkeyable:
+        with _LOCK:
+            _UNKEPT.add(module)
         return Frozen(net)
-    same = len(own.tensors) == len(w.tensors) and all(map(_same_bits, w.tensors, own.tensors))
-    if w.loose or not same:  # state the walk cannot see, or a copy unlike its module: not kept
-        return Frozen(net)
+    if len(own.tensors) != len(w.tensors) or not all(map(_same_bits, w.tensors, own.tensors)):
+        return Frozen(net)  # a copy unlike its module (a custom __deepcopy__): not kept
     made = Frozen(net, w.hexdigest(), own.hexdigest())
     with _LOCK:
         _SHARED.add(net)
@@ -151,3 +159,4 @@ def forget():
     """Drop every kept copy (:func:`~skl_transfer.clear_cache`); estimators keep theirs."""
     with _LOCK:
         _MEMO.clear()
+        _UNKEPT.clear()

@@ -186,7 +186,7 @@ class _Configured(nn.Module):
         return torch.tanh(self.config.scale * self.lin(x))
 
 
-def test_a_module_with_state_the_walk_cannot_see_is_copied_for_each_fit():
+def test_a_module_with_state_the_walk_cannot_see_is_copied_for_each_fit(monkeypatch):
     clear_cache()
     body, head = _Configured(), nn.Linear(16, 1, dtype=torch.float64)
     X, y = _data()
@@ -196,6 +196,11 @@ def test_a_module_with_state_the_walk_cannot_see_is_copied_for_each_fit():
     oracle = LayerVariationalAdapter(body, head, cache=False).fit(X[40:], y[40:])
     assert second._extractor is not first._extractor and second._extractor.config.scale == 3.0
     assert_array_equal(second.coef_, oracle.coef_)
+    walked = []  # and the module itself is not walked again for nothing (only its copies are)
+    real = _fingerprint.walk
+    monkeypatch.setattr(_fingerprint, "walk", lambda net: walked.append(net is body) or real(net))
+    LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    assert walked and not any(walked)
 
 
 class _Phased(nn.Module):
