@@ -149,6 +149,26 @@ def median_time(fn, repeats=5, warmup=1, setup=None):
     return float(np.median(times)), out
 
 
+def interleaved_medians(calls, repeats=5, warmup=1, seed=0):
+    """Median wall times of several calls timed side by side: each round runs every call once,
+    in a shuffled order, so that a drift of the machine, or a call that slows the next one
+    (threads left spinning), falls on all of them alike.
+
+    ``calls`` maps names to functions; returns ``{name: (seconds, the last run's result)}``
+    after ``warmup`` untimed rounds.
+    """
+    order = np.random.default_rng(seed)
+    times = {name: [] for name in calls}
+    last = {}
+    for r in range(warmup + repeats):
+        for name in order.permutation(list(calls)):
+            t0 = time.perf_counter()
+            last[name] = calls[name]()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: (float(np.median(times[name])), last[name]) for name in calls}
+
+
 def _status_mib(key):
     with open("/proc/self/status") as f:
         for line in f:

@@ -28,11 +28,10 @@ other row agrees to 1e-12 (asserted).
 import matplotlib
 
 matplotlib.use("Agg")
-import time
 
 import numpy as np
 import torch
-from _common import barh_figure, parser, write_csv
+from _common import barh_figure, interleaved_medians, parser, write_csv
 from torch import nn
 
 from skl_transfer import LayerVariationalAdapter
@@ -72,15 +71,7 @@ def main(argv=None):
         "bare": bare,
         "bare_float64_head": bare64,
     }
-    times = {k: [] for k in calls}
-    order = np.random.default_rng(1)
-    for r in range(repeats + 2):
-        for k in order.permutation(list(calls)):
-            t0 = time.perf_counter()
-            calls[k]()
-            if r >= 2:
-                times[k].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) for k, v in times.items()}
+    med = {k: t for k, (t, _) in interleaved_medians(calls, repeats, warmup=2, seed=1).items()}
     ref = bare64()
     for c, est in fitted.items():
         diff = np.abs(est.predict(Xp) - ref) / np.abs(ref).max()
