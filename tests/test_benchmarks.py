@@ -217,3 +217,17 @@ def test_digits_two_layers_quick(bench, capsys, tmp_path):
     assert accuracy["LVA-2"] > pretrained + 0.5
     assert accuracy["LVA-2"] >= accuracy["LVA-1"] - 0.01  # two layers: no worse than one
     assert accuracy["LVA-2"] >= accuracy["GD-2"] - 0.03  # nor than GD on the same two layers
+
+
+def test_predict_and_keying_benchmarks_quick(bench, tmp_path):
+    """bench_predict asserts its predictions against the float64-head script; bench_fingerprint
+    asserts that the next fit of the unchanged extractor gets the kept copy back."""
+    rows = bench("bench_predict").main(["--quick"])
+    assert {r["method"] for r in rows} == {
+        "predict_cache_off", "predict_cache_auto", "predict_batch_1024", "bare", "bare_float64_head",
+    }  # fmt: skip
+    assert all(r["predict_s"] > 0 for r in rows)
+    rows = bench("bench_fingerprint").main(["--quick"])
+    assert any(r["step"].startswith("next fit of the unchanged module") for r in rows)
+    for name in ("bench_predict_quick", "bench_fingerprint_quick"):
+        assert (tmp_path / f"{name}.csv").exists() and (tmp_path / f"{name}.png").exists()
