@@ -81,7 +81,7 @@ def main(argv=None):
     )
     tensors = _fingerprint.walk(net).tensors
     pairs = list(zip(tensors, _fingerprint.walk(kept.net).tensors, strict=True))
-    t_cmp, _ = median_time(lambda: all(_frozen._same_bits(a, b) for a, b in pairs), args.repeats)
+    t_cmp, _ = median_time(lambda: all(_fingerprint.same_bits(a, b) for a, b in pairs), args.repeats)
     t_read, _ = median_time(lambda: [t.sum() for t in tensors], args.repeats)
     est = LayerVariationalAdapter(net, None)
     t_clone, _ = median_time(lambda: clone(est), args.repeats)

@@ -318,6 +318,7 @@ class _Walk:
         self._parts = []  # what is hashed, joined once by hexdigest()
         self.tensors = []
         self.loose = False  # whether some object was keyed by its type only (its state unseen)
+        self.globals = None  # walk(): the hash of torch's global state alone (global_stamp())
         self._seen = {}
         self._alive = []  # keeps every object met alive during the walk: ids stay unique
 
@@ -597,6 +598,7 @@ def walk(net):
     ``tensors`` lists the tensors met, in order. Raises :class:`Unkeyable`."""
     w = _Walk()
     _global_state(w)
+    w.globals = w.hexdigest()  # global_stamp(), from the same parts
     w.put(repr(net))  # extra_repr may show what an object attribute (keyed by type) holds
     w.module(net)
     return w
@@ -611,13 +613,9 @@ class Digest(str):
     hooks, global state). Pickled, it is a plain ``str``, which is never trusted.
     """
 
-    def __new__(cls, value, stamp, refs):
+    def __new__(cls, value, stamp, refs, globals_stamp=None):
         self = super().__new__(cls, value)
-        self._stamp, self._refs = stamp, refs
-        try:
-            self._globals = global_stamp()
-        except Unkeyable:
-            self._globals = None
+        self._stamp, self._refs, self._globals = stamp, refs, globals_stamp
         return self
 
     def __reduce__(self):
@@ -666,14 +664,14 @@ def fingerprint(net):
             h.update(b"\0")
     except Exception as err:
         raise Unkeyable("module", f"a tensor of the extractor cannot be read as bytes ({err})") from err
-    return Digest(h.hexdigest(), stamp, _refs(w.tensors))
+    return Digest(h.hexdigest(), stamp, _refs(w.tensors), w.globals)
 
 
 def fingerprint_state(net):
     """A :class:`Digest` of ``net`` without its value (tensor contents are not hashed), for
     :meth:`Digest.matches` only: whether ``net`` changes between two points."""
     w = walk(net)
-    return Digest("", w.hexdigest(), _refs(w.tensors))
+    return Digest("", w.hexdigest(), _refs(w.tensors), w.globals)
 
 
 def still_valid(digest, net):
@@ -705,10 +703,22 @@ def forget():
     _VERDICTS.clear()
 
 
+_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def same_bits(a, b):
-    if a.shape != b.shape or a.dtype != b.dtype:
+    """Whether tensors ``a`` and ``b`` hold the same bits (NaNs and signed zeros included),
+    wherever they are: compared in place as integers, without a copy to the host."""
+    if a.shape != b.shape or a.dtype != b.dtype or a.layout != b.layout:
         return False
-    return _tensor_bytes(a) == _tensor_bytes(b)
+    if a.layout != torch.strided or a.is_quantized:
+        return _tensor_bytes(a) == _tensor_bytes(b)
+    a, b = a.detach(), b.detach().to(a.device)
+    if a.is_complex():
+        a, b = torch.view_as_real(a), torch.view_as_real(b)
+    if a.is_floating_point():
+        a, b = a.view(_INT[a.element_size()]), b.view(_INT[b.element_size()])
+    return torch.equal(a, b)
 
 
 def verify(mkey, probe):

@@ -43,7 +43,6 @@ _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user's module 
 _SHARED: weakref.WeakSet = weakref.WeakSet()  # every copy ever kept (estimators may share it)
 _UNKEPT: weakref.WeakSet = weakref.WeakSet()  # modules found not to be keepable: no walks for them
 _LOCK = threading.Lock()
-_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def _reset_after_fork():
@@ -85,29 +84,21 @@ class Frozen:
         """Whether ``module`` still equals the copy: both walks as when the copy was kept (the
         module's and the copy's own), and the module's tensors bitwise the copy's."""
         try:
-            w, own = _fingerprint.walk(module), _fingerprint.walk(self.net)
+            w = _fingerprint.walk(module)
+            return w.hexdigest() == self._stamp and _stamp_if_equal(w, self.net) == self._own_stamp
         except _fingerprint.Unkeyable:
             return False
-        return (
-            w.hexdigest() == self._stamp
-            and own.hexdigest() == self._own_stamp
-            and len(w.tensors) == len(own.tensors)
-            and all(map(_same_bits, w.tensors, own.tensors))
-        )
 
 
-def _same_bits(a, b):
-    """Whether tensors ``a`` and ``b`` hold the same bits (NaNs and signed zeros included)."""
-    if a.dtype != b.dtype or a.shape != b.shape or a.device != b.device or a.layout != b.layout:
-        return False
-    if a.layout != torch.strided or a.is_quantized:
-        return _fingerprint.same_bits(a, b)
-    a, b = a.detach(), b.detach()
-    if a.is_complex():
-        a, b = torch.view_as_real(a), torch.view_as_real(b)
-    if a.is_floating_point():
-        a, b = a.view(_INT[a.element_size()]), b.view(_INT[b.element_size()])
-    return torch.equal(a, b)
+def _stamp_if_equal(w, net):
+    """The walk stamp of the copy ``net`` when the tensors of ``w`` (its module's walk) are
+    bitwise its own, on the same devices, else None. Raises :class:`~._fingerprint.Unkeyable`."""
+    own = _fingerprint.walk(net)
+    if len(own.tensors) != len(w.tensors):
+        return None
+    pairs = zip(w.tensors, own.tensors, strict=True)
+    same = all(a.device == b.device and _fingerprint.same_bits(a, b) for a, b in pairs)
+    return own.hexdigest() if same else None
 
 
 def frozen(module, device, keep):
@@ -132,14 +123,14 @@ def frozen(module, device, keep):
         w = _fingerprint.walk(module)
         if w.loose:  # state the walk cannot see: not kept, now or at later fits
             raise _fingerprint.Unkeyable("module", "an attribute keyed by its type only")
-        own = _fingerprint.walk(net)
+        own_stamp = _stamp_if_equal(w, net)
     except _fingerprint.Unkeyable:
         with _LOCK:
             _UNKEPT.add(module)
         return Frozen(net)
-    if len(own.tensors) != len(w.tensors) or not all(map(_same_bits, w.tensors, own.tensors)):
+    if own_stamp is None:
         return Frozen(net)  # a copy unlike its module (a custom __deepcopy__): not kept
-    made = Frozen(net, w.hexdigest(), own.hexdigest())
+    made = Frozen(net, w.hexdigest(), own_stamp)
     with _LOCK:
         _SHARED.add(net)
         per_thread = _MEMO.setdefault(module, {})
