@@ -281,9 +281,9 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
 
     **Input checks.** Bad input (NaN/inf, mismatched rows or columns, a wrong head, negative
     or mis-sized sample weights, a negative alpha, ``y=None``) raises a ``ValueError`` or
-    ``TypeError`` that names the value and the fix, before the extractor runs. The extractor
-    first runs on one sample alone, so what only it can tell is reported after one sample,
-    not after a batch: an X it rejects (a ``ValueError`` chained to torch's error) and a head
+    ``TypeError`` that names the value and the fix, before the extractor runs. What only the
+    extractor can tell is reported after its first batch (``batch_size`` samples), not after
+    the whole pass: an X it rejects (a ``ValueError`` chained to torch's error) and a head
     whose ``in_features`` differs from its output size. Integer X into a floating extractor
     is named as such, with the fix (``X.astype(np.float32)``; integers are passed unchanged
     to extractors that take indices, such as an ``nn.Embedding``); complex features are
@@ -333,7 +333,7 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
     subsets of the same data. With the cache on, across a whole ``GridSearchCV``,
     ``cross_validate`` or ``learning_curve`` (all folds, all candidates, train and test sides
     and the final refit) the extractor runs on each distinct sample at most once per process,
-    plus once more on the first sample of a model it has not seen yet (the determinism probe,
+    plus twice on the first sample alone for a model it has not seen yet (the determinism probe,
     :class:`CacheKeyWarning`; tested by counting the rows the extractor sees), and the
     moments of a training set are computed once for all candidates of a fold. The default,
     ``cache="auto"``, does this for every extractor that is worth it: hashing, indexing and

@@ -73,7 +73,7 @@ class Problem:
     """One validated fit call: the data, the head spec and the feature stream.
 
     ``batches`` yields ``(slice, Z, dtype, shape)`` from :func:`feature_batches`; its first batch
-    (one sample) has already been run, so the feature size and dtype are known.
+    has already been run, so the feature size and dtype are known.
     """
 
     X: object
@@ -187,7 +187,8 @@ class BaseAdapter(BaseEstimator):
             return X, check_target(y, X.shape[0])
         # the column names of a 2-D X (a DataFrame) are checked as sklearn does, extractor or not:
         # recorded in fit, and reordered or renamed columns refused at predict
-        _check_feature_names(self, X, reset=reset)
+        if reset or hasattr(self, "feature_names_in_") or not isinstance(X, np.ndarray | torch.Tensor):
+            _check_feature_names(self, X, reset=reset)  # (an array has none: nothing to check)
         X = check_input(X)
         if not reset and tuple(X.shape[1:]) != self.input_shape_:
             raise ValueError(
@@ -287,10 +288,10 @@ class BaseAdapter(BaseEstimator):
             )
 
     def _start(self, X, y, sample_weight, use_cache=True, allow_zero_weight=False):
-        """Validate a fit call, copy the extractor, run it on the first sample.
+        """Validate a fit call, copy the extractor, run it on the first batch.
 
         Every check that needs no forward pass runs first; the head's size and X's shape
-        are then checked against the extractor on one sample.
+        are then checked against the extractor's first batch.
         """
         if y is None:
             raise ValueError(
@@ -418,7 +419,7 @@ class BaseAdapter(BaseEstimator):
             if cached is not None:
                 self._weights_digest = cached.digest  # what net matches now (its tensors' identities)
         batches = feature_batches(net, X, self._forward_batch_size, cached)
-        n_batches = 0 if X.shape[0] == 0 else 1 + -(-(X.shape[0] - 1) // self._forward_batch_size)
+        n_batches = -(-X.shape[0] // self._forward_batch_size)
         return self._progress(batches, n_batches if net is not None else None, desc)
 
     def _progress(self, iterable, total, desc):

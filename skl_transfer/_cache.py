@@ -922,7 +922,7 @@ class CachedExtractor:
         self.off = choice is False
         self._pending = {} if choice is None else None
         self._timed = [0.0, 0, None]  # extractor seconds, rows, slice of the first batch
-        self.check = None  # the determinism probe of a measured model: first row -> may cache
+        self.check = None  # the determinism probe of a measured model: () -> may cache
         if choice:
             self._index(X)
 
@@ -976,8 +976,8 @@ class CachedExtractor:
         cache_row = _AUTO_COST_FACTOR * (time.perf_counter() - start) / m
         compute_row = (seconds + consumer_seconds) / n_rows
         chosen = _worth_caching(cache_row, compute_row)
-        if chosen and self.check is not None and (0, 1) in pending:
-            chosen = self.check(from_storage(*pending[0, 1]))  # the determinism probe
+        if chosen and self.check is not None:
+            chosen = self.check()  # the determinism probe
         if chosen:
             self._index(X)
             for (a, b), (tag, rows) in pending.items():
@@ -1026,7 +1026,7 @@ class CachedExtractor:
                 return from_storage(*held)
             start = time.perf_counter()
             held = self._pending[span] = to_storage(compute(slice(None)))
-            if sl.start > 0 and self._timed[2] is None:  # the first batch (not the probe's row)
+            if self._timed[2] is None:  # the first batch
                 self._timed = [time.perf_counter() - start, sl.stop - sl.start, sl]
             return from_storage(*held)
         rng = range(X.shape[0])[sl]
@@ -1061,6 +1061,14 @@ class CachedExtractor:
             if shelf is not None:
                 _MEMORY.store(shelf, slots[missing], tag, rows)
         return from_storage(tag, out)
+
+    def on_disk(self, X, i):
+        """Whether the directory cache holds row ``i`` of X (stored by another process, which
+        ran the determinism probe on this model)."""
+        if self.disk is None or self.off:
+            return False
+        keys = disk_keys(np.ascontiguousarray(host_bits(X[i : i + 1])))
+        return self.disk.get(self.mkey, keys)[0] is not None
 
     def _rows(self, X, sl, idx, compute):
         """``(tag, rows)`` of rows ``idx`` of X[sl]: from the directory cache, else computed."""

@@ -438,7 +438,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
         target logits."""
         with self._head_resolved(X):  # head="auto": the layer found on X's first sample
             classes, onehot, multilabel = self._encode_labels(y)
-            p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; one sample run
+            p = self._start(X, onehot, sample_weight)  # validates X, weights, head size; first batch run
         spec = p.spec
         Z, _, s = gather_design(p.batches, p.Y, p.s, spec.geometry, spec.feature_shape)
         L0 = spec.geometry.outputs(Z, spec.feature_shape, spec.W0, spec.b0)  # the pretrained logits

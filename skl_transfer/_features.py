@@ -28,16 +28,17 @@ def cached_extractor(net, X, cache, digest=None, trusted=False):
     An extractor that cannot be keyed (:class:`~skl_transfer._fingerprint.Unkeyable`) is not
     cached, with one warning per process and cause.
 
-    The first time a model key is seen in this process, its first sample goes through the
-    cache with a probe for its computation: if that row is missing from every cache, the
-    extractor runs on it twice (CPU and the device's random state restored in between) and
+    The first time a model key is seen in this process, the determinism probe runs, unless a
+    directory cache holds the first row (stored by a process that ran it): the extractor runs
+    on the first sample alone twice (CPU and the device's random state restored in between) and
     must give the same bits and leave its state (tensors' version counters, attributes) as it
-    was; only then is the row stored. Otherwise the extractor is not cached (a warning says why).
+    was. Otherwise the extractor is not cached (a warning says why). The probe's rows are not
+    stored: the stream computes the first sample in its batch.
 
     With ``cache="auto"`` and a model not measured yet in this process, the returned cache is
-    *measuring* (:meth:`CachedExtractor.choose`): the stream runs the first sample once, and
-    the probe's second run happens only if the model is then chosen for caching. With
-    ``"auto"`` and a model measured not to pay for the cache, returns None.
+    *measuring* (:meth:`CachedExtractor.choose`): the probe runs only if the model is then
+    chosen for caching. With ``"auto"`` and a model measured not to pay for the cache, returns
+    None.
     """
     if net is None or cache is False or cache is None:
         return None
@@ -61,28 +62,27 @@ def cached_extractor(net, X, cache, digest=None, trusted=False):
             _fingerprint.warn_once(found)
         return found
 
+    def probe():  # skipped when the process that stored the first row in a directory ran it
+        if not cached.on_disk(X, 0):
+            _probe(net, X, device, dtype)
+
     if cached.measuring:
-        # cache="auto": the stream computes the first sample once; only if the model is to be
-        # cached does the probe run it again (cached.choose), so uncached models pay nothing
-        cached.check = lambda first: verdict(lambda: _probe(net, X, device, dtype, first)) is None
+        # cache="auto": only if the model is to be cached does the probe run (cached.choose),
+        # so uncached models pay nothing
+        cached.check = lambda: verdict(probe) is None
         return cached
-
-    def probe():  # the cache's compute for the first row: run twice, compared, then stored
-        with torch.inference_mode():
-            cached.features(X, slice(0, 1), lambda idx: _probe(net, X, device, dtype))
-
     return cached if verdict(probe) is None else None
 
 
-def _probe(net, X, device, dtype, first=None):
-    """The determinism probe: the first sample of X through ``net`` (again, if ``first`` holds
-    its features from a run in the stream) with the random state restored afterwards; raises
-    :class:`~skl_transfer._fingerprint.NotDeterministic` when a second run gives other bits or
-    changes the module's state. Returns the features."""
+def _probe(net, X, device, dtype):
+    """The determinism probe: the first sample of X through ``net`` twice, the random state
+    restored in between; raises :class:`~skl_transfer._fingerprint.NotDeterministic` when the
+    second run gives other bits or changes the module's state. Nothing of it is stored: the
+    feature stream computes the sample in its batch (a sample alone goes through other float32
+    kernels, which round differently)."""
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.inference_mode(), torch.random.fork_rng(devices=devices):
-        if first is None:
-            first = forward_rows(net, X, np.arange(1), device, dtype)
+        first = forward_rows(net, X, np.arange(1), device, dtype)
         state = _fingerprint.fingerprint_state(net)
         second = forward_rows(net, X, np.arange(1), device, dtype)
     if not state.matches(net):
@@ -103,9 +103,10 @@ def feature_batches(net, X, batch_size, cached=None):
     net's device, the extractor's output dtype and its per-sample output shape.
 
     ``net`` is a frozen copy from :func:`frozen_copy`, or None when X (a float64 numpy
-    array) already holds the features. ``dtype`` is the extractor's output dtype. With an
-    extractor, the first batch is the first sample alone (and so in ``predict`` too, whose
-    features then have the bits of the fit's, served from the cache or not). ``cached`` is a
+    array) already holds the features. ``dtype`` is the extractor's output dtype. The batches
+    are ``X[0:batch_size]``, ``X[batch_size:2 * batch_size]``, ...: a script running the same
+    batches (or all of X at once: float32 matrix products give a row the same bits in any
+    batch of 8 rows or more, on the CPU) gets the same features. ``cached`` is a
     :func:`cached_extractor` or None: cached rows skip the extractor, which runs only on the
     rows of a batch that no cache holds.
     Features stay on the device: the work on them (moments, predictions) is done by torch
@@ -115,12 +116,9 @@ def feature_batches(net, X, batch_size, cached=None):
     n = X.shape[0]
     if net is not None:
         device, dtype = module_device(net), floating_dtype(net)
-    # The first sample goes alone: shape errors and the feature size surface after one
-    # sample, before the bulk of the work.
-    starts = [0, *range(1, n, batch_size)] if net is not None else range(0, n, batch_size)
     try:
-        for start in starts:
-            sl = slice(start, 1 if start == 0 and net is not None else min(start + batch_size, n))
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(start + batch_size, n))
             if net is None:
                 yield sl, from_numpy(X[sl]), torch.float64, X.shape[1:]
                 continue
@@ -142,14 +140,14 @@ def feature_batches(net, X, batch_size, cached=None):
                 elif tuple(raw.shape[1:]) != first_shape:
                     raise ValueError(
                         f"The extractor returned per-sample shape {tuple(raw.shape[1:])} for samples "
-                        f"{sl.start} to {sl.stop - 1}, but {first_shape} for sample 0; the features of "
-                        "every sample must have one shape (pool or pad variable-size outputs in the "
-                        "extractor)."
+                        f"{sl.start} to {sl.stop - 1}, but {first_shape} for the first batch; the "
+                        "features of every sample must have one shape (pool or pad variable-size "
+                        "outputs in the extractor)."
                     )
                 Z = raw.reshape(raw.shape[0], -1).to(device=device, dtype=torch.float64)
             handed = time.perf_counter()
             yield sl, Z, raw.dtype, tuple(raw.shape[1:])
-            if cached is not None and start > 0 and cached.measuring:
+            if cached is not None and cached.measuring:
                 # cache="auto" on a model's first fit: the extractor's and the consumer's time
                 # on this batch against the cache's decide whether the cache serves this model
                 cached.choose(X, time.perf_counter() - handed)

@@ -30,9 +30,26 @@ def check_input(X):
         if X.is_floating_point() and not bool(torch.isfinite(X).all()):
             raise ValueError("Input X contains NaN or infinity; remove or impute those samples.")
         return X
+    if _plain_and_finite(X):
+        return X  # what check_array returns for it, without its conversions' overhead
     return native_byte_order(
         check_array(X, allow_nd=True, dtype="numeric", ensure_all_finite=True, input_name="X")
     )
+
+
+def _plain_and_finite(X):
+    """Whether X is a numpy array that ``check_array(X, allow_nd=True, dtype="numeric")``
+    would return unchanged: real numbers in native byte order, at least one sample (and one
+    feature when 2-D), and finite (a sum that is finite; else check_array decides and names
+    the problem)."""
+    if type(X) is not np.ndarray or X.dtype.kind not in "biuf" or not X.dtype.isnative:
+        return False
+    if X.ndim < 2 or X.shape[0] == 0 or (X.ndim == 2 and X.shape[1] == 0):
+        return False
+    if X.dtype.kind != "f":
+        return True
+    with np.errstate(over="ignore", invalid="ignore"):
+        return bool(np.isfinite(X.sum()))
 
 
 def native_byte_order(X):

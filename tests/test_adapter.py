@@ -423,19 +423,19 @@ def test_bad_input_raises_before_any_forward_pass(case, exc, match):
         est.fit(X, y, **kwargs)
     assert body.rows_seen == 0
     LayerVariationalAdapter(body, make_head()).fit(*_target(20))
-    # the counter does count the private copy's rows; +1: the determinism probe runs the first
-    # sample twice when a model is first seen
-    assert body.rows_seen == 21
+    # the counter does count the private copy's rows; +2: the determinism probe runs the first
+    # sample alone twice when a model is first seen
+    assert body.rows_seen == 22
 
 
-def test_head_feature_mismatch_is_caught_on_the_first_sample():
+def test_head_feature_mismatch_is_caught_on_the_first_batch():
     body = _counting()
     X, y = _target(100)
     est = LayerVariationalAdapter(body, make_head(n_hidden=7), batch_size=10)
     with pytest.raises(ValueError, match="head expects 7 input features but the extractor produces 16"):
         est.fit(X, y)
-    # the first sample only: cache="auto" runs the determinism probe once it chooses to cache
-    assert body.rows_seen == 1
+    # the first batch only: cache="auto" runs the determinism probe once it chooses to cache
+    assert body.rows_seen == 10
     with pytest.raises(ValueError, match="head expects 7 input features but X has 5"):
         LayerVariationalAdapter(None, (np.ones(7), 0.0)).fit(X, y)
 
@@ -444,11 +444,11 @@ def test_extractor_rejecting_X_is_wrapped_and_chained():
     body = CountingModule(make_body())
     X, y = _target(20, n_in=3)  # body expects 5 inputs
     with pytest.raises(
-        ValueError, match=r"extractor CountingModule failed on a batch of shape \(1, 3\)"
+        ValueError, match=r"extractor CountingModule failed on a batch of shape \(8, 3\)"
     ) as info:
-        LayerVariationalAdapter(body, make_head()).fit(X, y)
+        LayerVariationalAdapter(body, make_head(), batch_size=8).fit(X, y)
     assert isinstance(info.value.__cause__, RuntimeError)
-    assert body.rows_seen <= 1  # found on the first sample
+    assert body.rows_seen <= 8  # found on the first batch
 
 
 def test_extractor_returning_nonfinite_features():

@@ -352,15 +352,15 @@ class _LazyTable(nn.Module):
         return self.lin(x) * self.table
 
 
-def test_probe_costs_one_row_and_allows_a_lazy_first_call():
+def test_probe_costs_two_rows_and_allows_a_lazy_first_call():
     X, y = _data()
     body = CountingModule(_LazyTable())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         cached = _fit(body, X, y)
-        assert body.rows_seen == len(X) + 1  # the first sample twice, once per new model
+        assert body.rows_seen == len(X) + 2  # the first sample alone twice, once per new model
         _fit(body, X, y)
-        assert body.rows_seen == len(X) + 1  # all hits
+        assert body.rows_seen == len(X) + 2  # all hits
     assert_array_equal(cached.coef_, _fit(body, X, y, cache=False).coef_)
 
 

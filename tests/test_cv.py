@@ -99,7 +99,7 @@ def test_the_extractor_runs_once_per_sample():
     body = CountingModule(make_body())
     X, y = _data(90)
     LayerVariationalAdapterCV(body, make_head(), alphas=np.logspace(-3, 3, 30), cv=5).fit(X, y)
-    assert body.rows_seen == 91  # +1: the determinism probe (first sample run twice)
+    assert body.rows_seen == 92  # +2: the determinism probe (first sample alone, twice)
 
 
 @pytest.mark.parametrize(

@@ -176,16 +176,16 @@ def test_devices_that_cannot_run_the_extractor_are_refused_before_any_work(devic
 
 
 class _RaggedBody(nn.Module):
-    """Returns 3 features for the first sample alone and 4 for a batch (a bug in a user's model)."""
+    """Returns 3 features for a full batch of 16 and 4 for a smaller one (a bug in a user's model)."""
 
     def forward(self, x):
-        width = 3 if x.shape[0] == 1 else 4
+        width = 3 if x.shape[0] == 16 else 4
         return x[:, :width]
 
 
 def test_feature_size_changing_between_batches_is_named():
-    X, y = _data()
-    with pytest.raises(ValueError, match=r"per-sample shape \(4,\).*\(3,\)"):
+    X, y = _data()  # 60 samples: batches of 16, 16, 16 and 12
+    with pytest.raises(ValueError, match=r"per-sample shape \(4,\) for samples 48 to 59.*\(3,\)"):
         LayerVariationalAdapter(_RaggedBody(), alpha=1.0, batch_size=16).fit(X, y)
 
 
