@@ -599,8 +599,9 @@ def walk(net):
     w = _Walk()
     _global_state(w)
     w.globals = w.hexdigest()  # global_stamp(), from the same parts
-    w.put(repr(net))  # extra_repr may show what an object attribute (keyed by type) holds
     w.module(net)
+    if w.loose:  # extra_repr may show what an object attribute (keyed by its type only) holds
+        w.put("repr", repr(net))
     return w
 
 
