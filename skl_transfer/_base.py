@@ -335,9 +335,8 @@ class BaseAdapter(BaseEstimator):
         name = self._layer_name()
         if probed is not None:  # head="auto": the copy the layer was found (and checked) in
             copied = probed[1]
-        elif self.extractor is not None:  # kept for the next fit: the cache on, no named layer
-            keep = self.cache not in (False, None) and name is None
-            copied = _frozen.frozen(self.extractor, device, keep=keep)
+        elif self.extractor is not None:  # kept for the next fit, but not a named layer's
+            copied = _frozen.frozen(self.extractor, device, keep=name is None)
         net = None if self.extractor is None else copied.net
         if name is not None:  # a named layer: its input is the features
             if probed is None:

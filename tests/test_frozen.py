@@ -1,6 +1,9 @@
 """The frozen copy and the row keys kept for the next fit (issue 16): a search copies and hashes
 an unchanged extractor once, hashes each fold once, and every change is still seen (oracles: a
-fit with the cache off, and the row hash computed afresh)."""
+fit with the cache off on a copy of the module, never kept before, and the row hash computed
+afresh)."""
+
+import copy
 
 import numpy as np
 import pytest
@@ -23,6 +26,11 @@ def _data(n=80, d_in=6):
     return X, X[:, 0] - 0.5 * X[:, 1] + 0.1 * rng.normal(size=n)
 
 
+def _oracle(body, head, **params):
+    """An estimator that fits a fresh copy of ``body``: a module no fit has kept a copy of."""
+    return LayerVariationalAdapter(copy.deepcopy(body), head, cache=False, **params)
+
+
 def test_a_search_copies_and_hashes_an_unchanged_extractor_once(monkeypatch):
     clear_cache()
     body, head = _body(), nn.Linear(16, 1, dtype=torch.float64)
@@ -34,18 +42,20 @@ def test_a_search_copies_and_hashes_an_unchanged_extractor_once(monkeypatch):
     grid = {"alpha": [0.01, 0.1, 1.0, 10.0]}
     search = GridSearchCV(LayerVariationalAdapter(body, head, cache=True), grid, cv=3).fit(X, y)
     assert (len(copies), len(hashes)) == (1, 1)  # 13 fits and 12 predicts
-    oracle = GridSearchCV(LayerVariationalAdapter(body, head, cache=False), grid, cv=3).fit(X, y)
+    oracle = GridSearchCV(_oracle(body, head), grid, cv=3).fit(X, y)
     assert_allclose(search.cv_results_["mean_test_score"], oracle.cv_results_["mean_test_score"], rtol=1e-10)
     assert_allclose(search.best_estimator_.coef_, oracle.best_estimator_.coef_, rtol=1e-10)
 
 
+@pytest.mark.parametrize("cache", [True, False])  # the copy is kept with the cache off too
 @pytest.mark.parametrize("how", ["no_grad in place", ".data", "numpy view", "training flag", "negative zero"])
-def test_a_kept_copy_is_not_reused_once_the_extractor_changed(how):
+def test_a_kept_copy_is_not_reused_once_the_extractor_changed(how, cache):
     clear_cache()
     body, head = _body(), nn.Linear(16, 1, dtype=torch.float64)
     X, y = _data()
     body[2].bias.data[0] = 0.0
-    first = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
+    first = LayerVariationalAdapter(body, head, cache=cache).fit(X, y)
+    assert LayerVariationalAdapter(body, head, cache=cache).fit(X, y)._extractor is first._extractor
     if how == "no_grad in place":
         with torch.no_grad():
             body[2].bias.add_(0.5)
@@ -57,8 +67,9 @@ def test_a_kept_copy_is_not_reused_once_the_extractor_changed(how):
         body.train(not body.training)
     else:  # the same value, other bits: the digest is bitwise, so the copy must follow
         body[2].bias.data[0] = -0.0
-    second = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
-    oracle = LayerVariationalAdapter(body, head, cache=False).fit(X, y)
+    second = LayerVariationalAdapter(body, head, cache=cache).fit(X, y)
+    oracle = _oracle(body, head).fit(X, y)
+    assert second._extractor is not first._extractor
     for a, b in zip(second.extractor_.parameters(), body.parameters(), strict=True):
         assert torch.equal(a.view(torch.int64), b.view(torch.int64))
     assert_array_equal(second.coef_, oracle.coef_)  # the cache promises the same bits
@@ -82,10 +93,10 @@ def test_extractor_gives_each_estimator_its_own_copy_and_predict_follows_it():
     with torch.no_grad():
         Z = mine(torch.from_numpy(X)).numpy()
     assert_allclose(one.predict(X), Z @ one.coef_ + one.intercept_, rtol=1e-10, atol=1e-12)
-    oracle = LayerVariationalAdapter(body, head, alpha=2.0, cache=False).fit(X, y)
+    oracle = _oracle(body, head, alpha=2.0).fit(X, y)
     assert_allclose(two.predict(X), oracle.predict(X), rtol=1e-10, atol=1e-12)
     three = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
-    assert_allclose(three.coef_, LayerVariationalAdapter(body, head, cache=False).fit(X, y).coef_, rtol=1e-10)
+    assert_allclose(three.coef_, _oracle(body, head).fit(X, y).coef_, rtol=1e-10)
 
 
 def test_the_row_keys_kept_for_an_array_are_those_of_its_bits():
@@ -133,7 +144,7 @@ def test_predict_sees_a_change_of_torch_global_state():
     body, head = _body(), nn.Linear(16, 1, dtype=torch.float64)
     X, y = _data()
     est = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
-    oracle = LayerVariationalAdapter(body, head, cache=False).fit(X, y)
+    oracle = _oracle(body, head).fit(X, y)
     assert_array_equal(est.predict(X), oracle.predict(X))
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, args, out: 2.0 * out)
     try:
@@ -165,7 +176,7 @@ def test_a_copy_whose_forward_changed_it_is_not_reused():
         first = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
     second = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
     assert second._extractor is not first._extractor and body.calls == 0
-    assert_array_equal(second.coef_, LayerVariationalAdapter(body, head, cache=False).fit(X, y).coef_)
+    assert_array_equal(second.coef_, _oracle(body, head).fit(X, y).coef_)
 
 
 class _Config:
@@ -193,7 +204,7 @@ def test_a_module_with_state_the_walk_cannot_see_is_copied_for_each_fit(monkeypa
     first = LayerVariationalAdapter(body, head, cache=True).fit(X[:40], y[:40])
     body.config.scale = 3.0  # unseen by the digest: rows already cached stay (documented)
     second = LayerVariationalAdapter(body, head, cache=True).fit(X[40:], y[40:])  # new rows
-    oracle = LayerVariationalAdapter(body, head, cache=False).fit(X[40:], y[40:])
+    oracle = _oracle(body, head).fit(X[40:], y[40:])
     assert second._extractor is not first._extractor and second._extractor.config.scale == 3.0
     assert_array_equal(second.coef_, oracle.coef_)
     walked = []  # and the module itself is not walked again for nothing (only its copies are)
@@ -226,11 +237,12 @@ def test_a_complex_buffer_is_compared_bitwise():
     body.phase.data[3] = 0.5 - 0.25j  # the imaginary part only, through .data
     third = LayerVariationalAdapter(body, head, cache=True).fit(X, y)
     assert third._extractor is not first._extractor
-    assert_array_equal(third.coef_, LayerVariationalAdapter(body, head, cache=False).fit(X, y).coef_)
+    assert_array_equal(third.coef_, _oracle(body, head).fit(X, y).coef_)
 
 
 def test_a_copy_no_other_estimator_holds_is_handed_out_as_it_is():
     X, y = _data()
-    est = LayerVariationalAdapter(_body(), nn.Linear(16, 1, dtype=torch.float64), cache=False).fit(X, y)
+    model = nn.Sequential(_body(), nn.Linear(16, 1, dtype=torch.float64))
+    est = LayerVariationalAdapter(model, "1").fit(X, y)  # a named layer's model: never kept
     held = est._extractor
     assert est.extractor_ is held  # never kept, so never shared: no second copy
