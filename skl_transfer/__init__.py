@@ -7,6 +7,7 @@ from ._adapter import LayerVariationalAdapter
 from ._baselines import GradientDescentAdapter, GradientDescentClassifier
 from ._cache import cache_info, clear_cache, set_cache_limit
 from ._classifier import LayerVariationalClassifier, LayerVariationalClassifierCV
+from ._config import config_context, get_config, set_config
 from ._cv import LayerVariationalAdapterCV
 from ._diskcache import CacheDirectoryError, CacheLockTimeout
 from ._fingerprint import CacheKeyWarning
@@ -26,8 +27,11 @@ __all__ = [
     "LayerVariationalClassifierCV",
     "cache_info",
     "clear_cache",
+    "config_context",
+    "get_config",
     "logme",
     "set_cache_limit",
+    "set_config",
     "transferability",
     "__version__",
 ]

@@ -593,6 +593,15 @@ def global_stamp():
     return w.hexdigest()
 
 
+def classes_stamp(classes):
+    """The hash of the classes ``classes`` as :func:`walk` keys them (code of user classes,
+    package and version of library ones). Raises :class:`Unkeyable`."""
+    w = _Walk()
+    for c in classes:
+        w.cls(c)
+    return w.hexdigest()
+
+
 def walk(net):
     """The traversal of ``net``: ``hexdigest()`` keys everything but tensor contents, and
     ``tensors`` lists the tensors met, in order. Raises :class:`Unkeyable`."""

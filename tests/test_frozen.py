@@ -12,7 +12,17 @@ from numpy.testing import assert_allclose, assert_array_equal
 from sklearn.model_selection import GridSearchCV
 from torch import nn
 
-from skl_transfer import CacheKeyWarning, LayerVariationalAdapter, _cache, _fingerprint, _frozen, clear_cache
+from skl_transfer import (
+    CacheKeyWarning,
+    LayerVariationalAdapter,
+    _cache,
+    _fingerprint,
+    _frozen,
+    clear_cache,
+    config_context,
+    get_config,
+    set_config,
+)
 
 
 def _body(width=16, d_in=6):
@@ -246,3 +256,125 @@ def test_a_copy_no_other_estimator_holds_is_handed_out_as_it_is():
     est = LayerVariationalAdapter(model, "1").fit(X, y)  # a named layer's model: never kept
     held = est._extractor
     assert est.extractor_ is held  # never kept, so never shared: no second copy
+
+
+class _Scaled(nn.Module):
+    """A user's class whose forward reads a plain attribute and a tensor attribute."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = _body()
+        self.scale = 1.0
+        self.shift = torch.zeros(16, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.scale * self.body(x) + self.shift
+
+
+def _edit(body, how):
+    """Change ``body`` (a _Scaled) in a way that torch's version counters or identities show."""
+    lin = body.body[2]
+    if how == "no_grad in place":
+        with torch.no_grad():
+            lin.weight[3, 5] += 1.0
+    elif how == "load_state_dict":
+        state = {k: v.clone() for k, v in body.state_dict().items()}
+        state["body.2.bias"][0] += 1.0
+        body.load_state_dict(state)
+    elif how == "nn.init":
+        nn.init.normal_(lin.bias, generator=torch.Generator().manual_seed(1))
+    elif how == "new parameter":
+        lin.bias = nn.Parameter(lin.bias.detach() + 1.0)
+    elif how == "set data":  # the same Parameter object, a new storage
+        lin.weight.data = lin.weight.detach() * 2.0
+    elif how == "plain attribute":
+        body.scale = 2.0
+    elif how == "tensor attribute in place":
+        body.shift.add_(1.0)
+    elif how == "forward hook":
+        body.body.register_forward_hook(lambda m, args, out: out * 2.0)
+    elif how == "class code":  # monkeypatched on the user's class (undone by the caller)
+        _Scaled.forward = lambda self, x: 2.0 * self.scale * self.body(x) + self.shift
+    elif how == "default dtype":  # torch's global state (undone by the caller)
+        torch.set_default_dtype(torch.float64)
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "no_grad in place",
+        "load_state_dict",
+        "nn.init",
+        "new parameter",
+        "set data",
+        "plain attribute",
+        "tensor attribute in place",
+        "forward hook",
+        "class code",
+        "default dtype",
+    ],
+)
+def test_trusting_version_counters_still_sees_every_change_they_show(how):
+    clear_cache()
+    body, head = _Scaled(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    forward, dtype = _Scaled.forward, torch.get_default_dtype()
+    with config_context(trust_version_counters=True):
+        first = LayerVariationalAdapter(body, head).fit(X, y)
+        kept = first._extractor
+        assert LayerVariationalAdapter(body, head).fit(X, y)._extractor is kept  # unchanged: reused
+        try:
+            _edit(body, how)
+            second = LayerVariationalAdapter(body, head).fit(X, y)
+            oracle = _oracle(body, head).fit(X, y)
+        finally:
+            _Scaled.forward = forward
+            torch.set_default_dtype(dtype)
+    assert second._extractor is not kept
+    assert_array_equal(second.coef_, oracle.coef_)
+    if how != "default dtype":  # (float64 throughout: the same features)
+        moved = np.abs(first.coef_ - second.coef_).max() + abs(first.intercept_ - second.intercept_)
+        assert moved > 1e-6  # (a constant shift of the features moves the intercept alone)
+
+
+def test_trusting_version_counters_misses_writes_no_counter_sees_and_the_default_does_not():
+    """The documented price of trust_version_counters: a write through ``.data`` (or a numpy
+    view) moves no version counter, so the copy is reused; by default it is not."""
+    clear_cache()
+    body, head = _Scaled(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    with config_context(trust_version_counters=True):
+        kept = LayerVariationalAdapter(body, head).fit(X, y)._extractor
+        body.body[2].weight.data[3, 5] += 1.0
+        assert LayerVariationalAdapter(body, head).fit(X, y)._extractor is kept
+    fitted = LayerVariationalAdapter(body, head).fit(X, y)
+    assert fitted._extractor is not kept
+    assert_array_equal(fitted.coef_, _oracle(body, head).fit(X, y).coef_)
+
+
+def test_trusting_version_counters_walks_a_tree_it_cannot_check_shallowly():
+    """A module holding a list (mutable in place) is compared bitwise as by default."""
+    clear_cache()
+    body, head = _Scaled(), nn.Linear(16, 1, dtype=torch.float64)
+    body.scales = [1.0]
+    X, y = _data()
+    with config_context(trust_version_counters=True):
+        kept = LayerVariationalAdapter(body, head).fit(X, y)._extractor
+        assert LayerVariationalAdapter(body, head).fit(X, y)._extractor is kept
+        body.body[2].weight.data[3, 5] += 1.0  # no counter moves, but the walk compares bits
+        second = LayerVariationalAdapter(body, head).fit(X, y)
+    assert second._extractor is not kept
+    assert_array_equal(second.coef_, _oracle(body, head).fit(X, y).coef_)
+
+
+def test_config_is_checked_and_restored():
+    assert get_config() == {"trust_version_counters": False}
+    with config_context(trust_version_counters=True):
+        assert get_config()["trust_version_counters"] is True
+        with pytest.raises(TypeError, match="trust_version_counters must be True or False, got 'yes'"):
+            set_config(trust_version_counters="yes")
+    assert get_config()["trust_version_counters"] is False
+    with pytest.raises(TypeError, match=r"Unknown setting\(s\) \['trust'\]"):
+        with config_context(trust=True):
+            pass
