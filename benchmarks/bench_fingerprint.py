@@ -7,10 +7,14 @@ one process (medians of --repeats runs):
 * ``copy``: the private frozen copy a fit makes (``copy.deepcopy``, eval mode, no grad);
 * ``hash``: the digest of that copy (every weight hashed), which keys the feature cache; the
   first fit of a module pays both (the copy only, with the cache off);
-* ``next_fit``: what the next fit of the same unchanged module pays instead (on the CPU):
-  the walks of the module and of the kept copy (code, attributes, hooks) and a bitwise
-  comparison of every tensor with the copy's, which finds a write that no version counter saw
-  (``.data``, a numpy view); the two following rows are its parts;
+* ``next_fit``: what the next fit of the same unchanged module pays instead (on the CPU): a
+  shallow check of the module and of the kept copy (``_frozen.Quick``: the attributes and
+  tensors by identity, the classes' code, torch's global state) and a bitwise comparison of
+  every tensor with the copy's, which finds a write that no version counter saw (``.data``,
+  a numpy view); ``bitwise compare`` is that part;
+* ``walks``: the walks of the module and of the copy (code, attributes, hooks), which replace
+  the shallow check for a module with hooks or attributes other than plain values, tuples of
+  them and tensors;
 * ``read_weights``: one pass over the weights' bytes (``torch.sum`` of each tensor, 2 threads),
   the floor of any check that reads every weight;
 * ``next fit, trust_version_counters=True``: the next fit's check with
@@ -106,8 +110,8 @@ def main(argv=None):
         dict(step="digest, every weight hashed (same, cache on)", seconds=t_hash),
         dict(step="walk without hashing (predict's check)", seconds=t_state),
         dict(step="next fit of the unchanged module: all", seconds=t_next),
-        dict(step="next fit: walks of the module and the copy", seconds=t_walk),
         dict(step="next fit: bitwise compare with the copy", seconds=t_cmp),
+        dict(step="walks of the module and the copy (hooks, ...)", seconds=t_walk),
         dict(step="one read of every weight (floor)", seconds=t_read),
         dict(step="next fit, trust_version_counters=True", seconds=t_trust),
         dict(step="sklearn clone of the estimator (now)", seconds=t_clone),

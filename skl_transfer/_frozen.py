@@ -65,7 +65,7 @@ class Frozen:
     def __init__(self, net, stamp=None, own_stamp=None):
         self.net = net
         self._stamp, self._own_stamp = stamp, own_stamp  # walks of the module and of the copy, when kept
-        self._quick = None  # (Quick of the module, Quick of the copy): trust_version_counters
+        self._quick = None  # (Quick of the module, Quick of the copy), for trees it can check
         self._layers = {}  # layer name -> LayerInput(net, name), the same wrapper each fit
         self._digests = {}  # id(wrapper or net) -> Digest
 
@@ -87,24 +87,30 @@ class Frozen:
             self._digests[id(net)] = digest
 
     def matches(self, module):
-        """Whether ``module`` still equals the copy: both walks as when the copy was kept (the
-        module's and the copy's own), and the module's tensors bitwise the copy's; with
-        ``trust_version_counters``, both :class:`Quick` checks when the tree allows them."""
-        trust = _config.get_config()["trust_version_counters"]
-        if trust and self._quick is not None:
-            return self._quick[0].same(module) and self._quick[1].same(self.net)
+        """Whether ``module`` still equals the copy.
+
+        For trees that :class:`Quick` can check (plain attributes and tensors, no hooks): both
+        Quick states as when the copy was kept, then the module's tensors bitwise the copy's
+        (not with ``trust_version_counters``). Otherwise both walks as when the copy was kept
+        (the module's and the copy's own), and the module's tensors bitwise the copy's."""
+        if self._quick is not None:
+            mine, its = self._quick
+            if not (mine.same(module) and its.same(self.net)):
+                return False
+            if _config.get_config()["trust_version_counters"]:
+                return True
+            pairs = zip(mine.tensors(), its.tensors(), strict=True)
+            return all(a.device == b.device and _fingerprint.same_bits(a, b) for a, b in pairs)
         try:
             w = _fingerprint.walk(module)
-            same = w.hexdigest() == self._stamp and _stamp_if_equal(w, self.net) == self._own_stamp
+            return w.hexdigest() == self._stamp and _stamp_if_equal(w, self.net) == self._own_stamp
         except _fingerprint.Unkeyable:
             return False
-        if same and trust:
-            self.trust(module)
-        return same
 
-    def trust(self, module):
-        """Take the :class:`Quick` states of ``module`` and the copy, for the next checks (none
-        when either tree has hooks or attributes other than plain values and tensors)."""
+    def take_quick(self, module):
+        """Take the :class:`Quick` states of ``module`` and the copy, which :meth:`matches` then
+        checks instead of walks (none when either tree has hooks or attributes other than plain
+        values, tuples of them and tensors)."""
         pair = (Quick.of(module), Quick.of(self.net))
         self._quick = pair if None not in pair else None
 
@@ -144,6 +150,15 @@ class Quick:
         self._attr_tensors = [v for v in objs if isinstance(v, torch.Tensor)]  # held in objs
         self._tensor_keys = [_tensor_key(t) for t in (*tensors, *self._attr_tensors)]
         return self
+
+    def tensors(self):
+        """The parameters and buffers (those set to None left out), then the tensor attributes,
+        in one order for a module and its copy; valid after :meth:`same` returned True."""
+        return [
+            t
+            for t in (*(None if r is None else r() for r in self._tensors), *self._attr_tensors)
+            if t is not None
+        ]
 
     def same(self, net):
         """Whether ``net`` is in the state this was taken in (as far as version counters tell)."""
@@ -258,8 +273,7 @@ def frozen(module, device, keep):
     if own_stamp is None:
         return Frozen(net)  # a copy unlike its module (a custom __deepcopy__): not kept
     made = Frozen(net, w.hexdigest(), own_stamp)
-    if _config.get_config()["trust_version_counters"]:
-        made.trust(module)
+    made.take_quick(module)
     with _LOCK:
         _SHARED.add(net)
         per_thread = _MEMO.setdefault(module, {})
