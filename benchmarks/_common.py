@@ -149,19 +149,22 @@ def median_time(fn, repeats=5, warmup=1, setup=None):
     return float(np.median(times)), out
 
 
-def interleaved_medians(calls, repeats=5, warmup=1, seed=0):
+def interleaved_medians(calls, repeats=5, warmup=1, seed=0, setup=None):
     """Median wall times of several calls timed side by side: each round runs every call once,
     in a shuffled order, so that a drift of the machine, or a call that slows the next one
     (threads left spinning), falls on all of them alike.
 
     ``calls`` maps names to functions; returns ``{name: (seconds, the last run's result)}``
-    after ``warmup`` untimed rounds.
+    after ``warmup`` untimed rounds. ``setup()``, when given, runs untimed before every call
+    (e.g. ``clear_cache``).
     """
     order = np.random.default_rng(seed)
     times = {name: [] for name in calls}
     last = {}
     for r in range(warmup + repeats):
         for name in order.permutation(list(calls)):
+            if setup is not None:
+                setup()
             t0 = time.perf_counter()
             last[name] = calls[name]()
             if r >= warmup:

@@ -4,7 +4,9 @@ A convolutional extractor where the forward pass dominates: a 4-layer CNN (64-12
 channels, about 40 M multiply-adds per image, global average pooling to d = 256 features;
 small next to a ResNet-18, which needs about 560 M at this size) on 10,000 generated 32 x 32
 images. Timed side by side in one run (medians of --repeats
-runs, the feature cache emptied before each timed call so every call pays its own forward
+rounds, each running the first three calls once in a shuffled order, so that a drift of this
+shared machine's speed, which moves a 20 s fit by a third over minutes, falls on all of them
+alike; the feature cache emptied before each timed call so every call pays its own forward
 passes):
 
 * ``one_fit``: ``LayerVariationalAdapter(alpha=1).fit`` (cache off): the unit;
@@ -27,7 +29,7 @@ import matplotlib
 matplotlib.use("Agg")
 import numpy as np
 import torch
-from _common import barh_figure, median_time, parser, write_csv
+from _common import barh_figure, interleaved_medians, median_time, parser, write_csv
 from sklearn.model_selection import GridSearchCV, KFold
 from torch import nn
 
@@ -73,20 +75,18 @@ def main(argv=None):
     cv = KFold(5, shuffle=True, random_state=0)
     scoring = "neg_mean_squared_error"
 
-    t_fit, _ = timed(
-        lambda: LayerVariationalAdapter(body, head, alpha=1.0, cache=False).fit(X, y), args.repeats
-    )
-    t_cv, lcv = timed(
-        lambda: LayerVariationalAdapterCV(body, head, alphas=alphas, cv=cv, scoring=scoring, cache=False).fit(
+    grid = {"alpha": list(alphas)}
+    calls = {
+        "fit": lambda: LayerVariationalAdapter(body, head, alpha=1.0, cache=False).fit(X, y),
+        "cv": lambda: LayerVariationalAdapterCV(
+            body, head, alphas=alphas, cv=cv, scoring=scoring, cache=False
+        ).fit(X, y),
+        "grid": lambda: GridSearchCV(LayerVariationalAdapter(body, head), grid, cv=cv, scoring=scoring).fit(
             X, y
         ),
-        args.repeats,
-    )
-    grid = {"alpha": list(alphas)}
-    t_grid, gs = timed(
-        lambda: GridSearchCV(LayerVariationalAdapter(body, head), grid, cv=cv, scoring=scoring).fit(X, y),
-        args.repeats,
-    )
+    }
+    timed_calls = interleaved_medians(calls, args.repeats, warmup=0, setup=clear_cache)
+    (t_fit, _), (t_cv, lcv), (t_grid, gs) = (timed_calls[k] for k in ("fit", "cv", "grid"))
     assert lcv.alpha_ == gs.best_params_["alpha"]
     np.testing.assert_allclose(
         lcv.cv_results_["mean_test_score"], gs.cv_results_["mean_test_score"], rtol=1e-8
