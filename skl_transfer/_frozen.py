@@ -33,8 +33,10 @@ it, and ``extractor_`` gives a user a copy of their own (:meth:`~._base.BaseAdap
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
+import types
 import weakref
 
 import torch
@@ -115,75 +117,76 @@ class Frozen:
         self._quick = pair if None not in pair else None
 
 
-_CHILDREN = ("_parameters", "_buffers", "_modules")
-_SKIPPED = _fingerprint._MODULE_INTERNALS.difference(_CHILDREN)  # not keyed by the walk either
-_ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
-
-
 class Quick:
-    """What ``trust_version_counters`` compares instead of a walk and a bitwise comparison: the
-    module tree's objects by identity (submodules, attribute values, tensors), the attribute
-    names, the tensors' version counters, storage pointers, shapes, strides and dtypes, the
-    classes' code and torch's global state.
+    """What ``trust_version_counters`` compares instead of a walk and a bitwise comparison (and
+    what the default compares instead of a walk, before the bitwise comparison): the module
+    tree's objects by identity (submodules, attribute values, parameters, buffers), the
+    attribute, parameter, buffer and child names, the tensors' version counters, storage
+    pointers, shapes, strides, dtypes and devices, the classes' code and torch's global state.
 
     Only trees whose attributes are all plain values (or tuples of them) and tensors, with no
     forward hooks and no TorchScript, have one (:meth:`of` returns None otherwise): an object
-    attribute can change inside without a new identity, and a hook's closure too. The
-    attribute values are held (their identities then stay unique); the parameters and buffers
-    only by weak reference, so that weights the user replaced are not kept alive.
+    attribute can change inside without a new identity, and a hook's closure too. Modules and
+    tensors are held by weak reference (a replaced weight is not kept alive, and nothing here
+    keeps the user's module alive), plain values themselves (immutable, and their identity
+    must stay unique).
     """
 
-    __slots__ = ("_objs", "_ids", "_key", "_tensors", "_attr_tensors", "_tensor_keys", "_stamps")
+    __slots__ = ("_refs", "_key", "_tensors", "_tensor_keys", "_stamps")
 
     @classmethod
     def of(cls, net):
         if not _plain_tree(net):
             return None
-        objs, key, tensors, classes = _shallow(net)
+        objs, key, classes = _shallow(net)
         try:
             stamps = (_fingerprint.classes_stamp(classes), _fingerprint.global_stamp())
         except _fingerprint.Unkeyable:
             return None
         self = cls()
-        self._objs, self._ids, self._key, self._stamps = objs, list(map(id, objs)), key, stamps
-        self._tensors = [None if t is None else weakref.ref(t) for t in tensors]
-        self._attr_tensors = [v for v in objs if isinstance(v, torch.Tensor)]  # held in objs
-        self._tensor_keys = [_tensor_key(t) for t in (*tensors, *self._attr_tensors)]
+        self._refs = [weakref.ref(o) if isinstance(o, _WEAK) else o for o in objs]
+        self._key, self._stamps = key, stamps
+        self._tensors = [
+            o for o in self._refs if type(o) is weakref.ReferenceType and isinstance(o(), torch.Tensor)
+        ]
+        self._tensor_keys = [_tensor_key(t()) for t in self._tensors]
         return self
 
     def tensors(self):
-        """The parameters and buffers (those set to None left out), then the tensor attributes,
-        in one order for a module and its copy; valid after :meth:`same` returned True."""
-        return [
-            t
-            for t in (*(None if r is None else r() for r in self._tensors), *self._attr_tensors)
-            if t is not None
-        ]
+        """The parameters, buffers and tensor attributes, in one order for a module and its copy
+        (a tensor met twice, twice); valid after :meth:`same` returned True."""
+        return [t() for t in self._tensors]
 
     def same(self, net):
         """Whether ``net`` is in the state this was taken in (as far as version counters tell)."""
         parts = _shallow(net)
         if parts is None:
             return False
-        objs, key, tensors, classes = parts
-        if key != self._key or list(map(id, objs)) != self._ids or len(tensors) != len(self._tensors):
+        objs, key, classes = parts
+        if key != self._key or len(objs) != len(self._refs):
             return False
-        for ref, t in zip(self._tensors, tensors, strict=True):
-            if (None if ref is None else ref()) is not t:
+        for ref, obj in zip(self._refs, objs, strict=True):
+            if (ref() if type(ref) is weakref.ReferenceType else ref) is not obj:
                 return False
         try:
-            if [_tensor_key(t) for t in (*tensors, *self._attr_tensors)] != self._tensor_keys:
+            if [_tensor_key(t()) for t in self._tensors] != self._tensor_keys:
                 return False
             return (_fingerprint.classes_stamp(classes), _fingerprint.global_stamp()) == self._stamps
         except (RuntimeError, _fingerprint.Unkeyable):  # a tensor turned sparse; unkeyable code
             return False
 
 
+_WEAK = (torch.Tensor, torch.nn.Module)
+_KEPT_INTERNALS = ("_parameters", "_buffers", "_modules")
+
+
 def _shallow(net):
-    """``(objects, key, tensors, classes)`` of the module tree ``net``: its modules' attribute
-    values (the submodules among them), the attribute, parameter, buffer and child names, the
-    parameters and buffers, and the classes; None when a module has forward hooks."""
-    objs, key, tensors, classes = [], [], [], {}
+    """``(objects, key, classes)`` of the module tree ``net``: each module's attribute values
+    (the walk's internals left out, as it leaves them), parameters, buffers and children; the
+    attribute, parameter, buffer and child names; the classes. None when a module has forward
+    hooks."""
+    objs, key, classes = [], [], {}
+    internals = _fingerprint._MODULE_INTERNALS
     for m in net.modules():
         d = m.__dict__
         # (the hooks' flag dicts are keyed by the ids of hooks in these two)
@@ -191,12 +194,12 @@ def _shallow(net):
             return None
         classes[type(m)] = None
         key.append(tuple(d))
-        objs.extend(d.values())
-        for kind in ("_parameters", "_buffers", "_modules"):
+        objs.extend(v for name, v in d.items() if name not in internals)
+        for kind in _KEPT_INTERNALS:
             c = d[kind]
             key.append(tuple(c))
-            (objs if kind == "_modules" else tensors).extend(c.values())
-    return objs, key, tensors, list(classes)
+            objs.extend(c.values())
+    return objs, key, list(classes)
 
 
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
@@ -232,15 +235,51 @@ def _tensor_key(t):
     return (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
 
-def _stamp_if_equal(w, net):
+def _stamp_if_equal(w, net, module=None):
     """The walk stamp of the copy ``net`` when the tensors of ``w`` (its module's walk) are
-    bitwise its own, on the same devices, else None. Raises :class:`~._fingerprint.Unkeyable`."""
+    bitwise its own, on the same devices, else None; None too when the copy refers to
+    ``module`` (:func:`_refers_to`). Raises :class:`~._fingerprint.Unkeyable`."""
+    if module is not None and _refers_to(net, module):
+        return None
     own = _fingerprint.walk(net)
     if len(own.tensors) != len(w.tensors):
         return None
     pairs = zip(w.tensors, own.tensors, strict=True)
     same = all(a.device == b.device and _fingerprint.same_bits(a, b) for a, b in pairs)
     return own.hexdigest() if same else None
+
+
+_MAX_REFERENTS = 200_000  # objects searched from a copy; beyond, it is taken to refer to its module
+
+
+def _refers_to(net, module):
+    """Whether the copy ``net`` holds a reference to ``module`` or one of its submodules.
+
+    ``deepcopy`` shares functions, so a hook (of any kind) or a function attribute whose
+    closure, default or ``functools.partial`` argument holds the user's module is shared by
+    the copy; kept in the memo keyed weakly by that module, the copy would then keep it alive
+    for good. Everything the copy refers to is searched (``gc.get_referents``), but for
+    functions' global namespaces, classes and Python modules, which are alive anyway.
+    """
+    targets = {id(m) for m in module.modules()}
+    seen, stack = set(), [net]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if id(obj) in targets:
+            return True
+        if len(seen) > _MAX_REFERENTS:
+            return True
+        if isinstance(obj, (type, types.ModuleType)):
+            continue
+        refs = gc.get_referents(obj)
+        if isinstance(obj, types.FunctionType):
+            namespace = obj.__globals__
+            refs = [r for r in refs if r is not namespace]
+        stack.extend(refs)
+    return False
 
 
 def frozen(module, device, keep):
@@ -265,13 +304,13 @@ def frozen(module, device, keep):
         w = _fingerprint.walk(module)
         if w.loose:  # state the walk cannot see: not kept, now or at later fits
             raise _fingerprint.Unkeyable("module", "an attribute keyed by its type only")
-        own_stamp = _stamp_if_equal(w, net)
+        own_stamp = _stamp_if_equal(w, net, module)
     except _fingerprint.Unkeyable:
         with _LOCK:
             _UNKEPT.add(module)
         return Frozen(net)
-    if own_stamp is None:
-        return Frozen(net)  # a copy unlike its module (a custom __deepcopy__): not kept
+    if own_stamp is None:  # a copy unlike its module (a custom __deepcopy__), or holding it
+        return Frozen(net)
     made = Frozen(net, w.hexdigest(), own_stamp)
     made.take_quick(module)
     with _LOCK:

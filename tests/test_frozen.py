@@ -4,6 +4,8 @@ fit with the cache off on a copy of the module, never kept before, and the row h
 afresh)."""
 
 import copy
+import gc
+import weakref
 
 import numpy as np
 import pytest
@@ -378,3 +380,25 @@ def test_config_is_checked_and_restored():
     with pytest.raises(TypeError, match=r"Unknown setting\(s\) \['trust'\]"):
         with config_context(trust=True):
             pass
+
+
+@pytest.mark.parametrize("trust", [False, True])
+@pytest.mark.parametrize("refers", [False, True])
+def test_keeping_a_copy_does_not_keep_the_users_module_alive(trust, refers):
+    """``deepcopy`` shares functions: a hook whose default holds the module is shared by the
+    copy, which the memo (keyed weakly by the module) would then keep alive with the module.
+    Such a copy is not kept; others are, and neither keeps the module alive."""
+    clear_cache()
+    body, head = _Scaled(), nn.Linear(16, 1, dtype=torch.float64)
+    if refers:
+        body.register_load_state_dict_post_hook(lambda module, keys, owner=body: None)
+    X, y = _data()
+    with config_context(trust_version_counters=trust):
+        est = LayerVariationalAdapter(body, head).fit(X, y)
+        again = LayerVariationalAdapter(body, head).fit(X, y)
+        assert (again._extractor is est._extractor) != refers
+        assert_array_equal(again.coef_, _oracle(body, head).fit(X, y).coef_)
+    alive = weakref.ref(body)
+    del body, est, again
+    gc.collect()
+    assert alive() is None
