@@ -6,8 +6,9 @@ small next to a ResNet-18, which needs about 560 M at this size) on 10,000 gener
 images. Timed side by side in one run (medians of --repeats
 rounds, each running the first three calls once in a shuffled order, so that a drift of this
 shared machine's speed, which moves a 20 s fit by a third over minutes, falls on all of them
-alike; the feature cache emptied before each timed call so every call pays its own forward
-passes):
+alike; before each timed call the feature cache is emptied, so every call pays its own forward
+passes, and the machine left idle for a second, so that no call runs while the previous one's
+worker threads still spin):
 
 * ``one_fit``: ``LayerVariationalAdapter(alpha=1).fit`` (cache off): the unit;
 * ``cv``: ``LayerVariationalAdapterCV`` over 30 alphas x 5 folds;
@@ -22,6 +23,7 @@ The CV and cached-search results are checked equal (alpha_ and mean scores to 1e
     python benchmarks/bench_study.py --quick    # n = 1000
 """
 
+import time
 from functools import partial
 
 import matplotlib
@@ -61,6 +63,14 @@ def make_cnn(seed=0):
     )  # fmt: skip
 
 
+def _fresh():
+    """Before each timed call: an empty feature cache (the call pays its own forward passes),
+    then a pause in which the previous call's idle BLAS and OpenMP worker threads stop spinning
+    (timed right after another method, a call shares the cores with them)."""
+    clear_cache()
+    time.sleep(1.0)
+
+
 def main(argv=None):
     cli = parser(__doc__)
     cli.add_argument("--repeats", type=int, default=3)
@@ -85,7 +95,7 @@ def main(argv=None):
             X, y
         ),
     }
-    timed_calls = interleaved_medians(calls, args.repeats, warmup=0, setup=clear_cache)
+    timed_calls = interleaved_medians(calls, args.repeats, warmup=0, setup=_fresh)
     (t_fit, _), (t_cv, lcv), (t_grid, gs) = (timed_calls[k] for k in ("fit", "cv", "grid"))
     assert lcv.alpha_ == gs.best_params_["alpha"]
     np.testing.assert_allclose(

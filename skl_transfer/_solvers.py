@@ -292,11 +292,38 @@ COND_DATA = 1.0 / CHOLESKY_MIN
 DATA_MAX_ENTRIES = 2**24
 
 
-def _equilibrated_cholesky(A, alpha, idx):
+# The Gram matrices' rounding, relative to n * max(diag): at most about N * 1.1e-16 for N rows,
+# so this holds up to 9e9 rows (the bound of _rcond_floor is valid for alpha above twice it).
+GRAM_ROUNDING = 1e-6
+
+
+def _rcond_floor(c2, alpha, anorm):
+    """A lower bound on the reciprocal 1-norm condition number of the equilibrated
+    ``H = C^{-1} (A + alpha I) C^{-1}`` (``c2``: the diagonal of ``C^2``, ``diag(A) + alpha``;
+    ``anorm``: ``||H||_1``), or 0.
+
+    ``lambda_min(H) >= (alpha - ||dA||) / max(c2)`` for a Gram matrix ``A`` that is positive
+    semi-definite up to its rounding ``dA`` (bounded by :data:`GRAM_ROUNDING`), and
+    ``||H^{-1}||_1 <= sqrt(n) / lambda_min(H)``. LAPACK's ``dpocon`` estimates ``||H^{-1}||_1``
+    from below, so its estimate of the reciprocal condition number is at least this bound: a
+    threshold this bound passes, the estimate passes too.
+    """
+    n, top = c2.size, float(c2.max())
+    margin = n * top * GRAM_ROUNDING
+    if not alpha > 2.0 * margin:
+        return 0.0
+    return (alpha - margin) / (top * anorm * np.sqrt(n))
+
+
+def _equilibrated_cholesky(A, alpha, idx, need=None):
     """The Cholesky factor of ``(A + alpha I)`` on the indices ``idx``, scaled to a unit diagonal
     (a change of variables: the penalty stays ``alpha I``): ``(L, c, rcond)`` with ``c`` the
-    scale and ``rcond`` LAPACK's reciprocal condition estimate, or None when it fails."""
-    c = np.sqrt(np.diag(A)[idx] + alpha)
+    scale and ``rcond`` LAPACK's reciprocal condition estimate, or None when it fails. With
+    ``need`` (the caller's threshold on ``rcond``), when the bound of :func:`_rcond_floor`
+    already reaches it, ``rcond`` is that bound and LAPACK's estimate is not computed (the
+    caller decides as it would have: the estimate is at least the bound)."""
+    c2 = np.diag(A)[idx] + alpha
+    c = np.sqrt(c2)
     H = (A if idx.size == A.shape[0] else A[np.ix_(idx, idx)]) / c[:, None]
     H /= c[None, :]
     H[np.diag_indices_from(H)] = 1.0
@@ -305,6 +332,9 @@ def _equilibrated_cholesky(A, alpha, idx):
         L, info = lapack.dpotrf(H, lower=0, clean=1)
         if info != 0:
             return None
+        floor = _rcond_floor(c2, alpha, anorm) if need is not None else 0.0
+        if need is not None and floor >= need:
+            return L, c, float(floor)
         rcond, info = lapack.dpocon(L, anorm)
     if info != 0 or not np.isfinite(rcond):  # pragma: no cover - LAPACK argument errors
         return None
@@ -324,10 +354,10 @@ def _factor_solve(L, c, R):
     return None if info != 0 else x / c[:, None]
 
 
-def _scaled_cholesky(A, R, alpha, idx):
-    """``(A + alpha I) X = R`` on the indices ``idx`` by :func:`_equilibrated_cholesky`.
-    Returns ``(X, rcond)``; ``X`` is None when the factorisation fails."""
-    factor = _equilibrated_cholesky(A, alpha, idx)
+def _scaled_cholesky(A, R, alpha, idx, need=None):
+    """``(A + alpha I) X = R`` on the indices ``idx`` by :func:`_equilibrated_cholesky`
+    (``need``: passed on). Returns ``(X, rcond)``; ``X`` is None when the factorisation fails."""
+    factor = _equilibrated_cholesky(A, alpha, idx, need)
     if factor is None:
         return None, 0.0
     L, c, rcond = factor
@@ -356,7 +386,8 @@ def solve_gram(A, R, alpha, rtol=None, floor=None, return_cond=False, fallback=T
     idx = _active(A, floor)
     cond = 1.0
     if idx.size:
-        x, rcond = _scaled_cholesky(A, R, alpha, idx)
+        # (with return_cond, LAPACK's estimate itself; else a bound that settles the choice)
+        x, rcond = _scaled_cholesky(A, R, alpha, idx, None if return_cond else CHOLESKY_MIN)
         cond = 1.0 / rcond if rcond > 0 else np.inf
         if x is not None and rcond >= CHOLESKY_MIN:
             X[idx] = x
@@ -401,8 +432,9 @@ def _cholesky_correction(G, alpha, floor, rtol):
         return None
     if rtol is None:
         rtol = gram_rtol(G.shape)
-    factor = _equilibrated_cholesky(G, alpha, idx)
-    if factor is None or not factor[2] >= CHOLESKY_PRECONDITION * idx.size * rtol:
+    need = CHOLESKY_PRECONDITION * idx.size * rtol
+    factor = _equilibrated_cholesky(G, alpha, idx, need)
+    if factor is None or not factor[2] >= need:
         return None
     L, c, _ = factor
 

@@ -234,3 +234,55 @@ def test_refinement_against_the_rows_equals_least_squares(cond, preconditioner, 
     A = np.vstack([Z, np.sqrt(alpha) * np.eye(d)])
     ref = np.linalg.lstsq(A, np.vstack([Q, np.zeros((d, 2))]), rcond=None)[0]
     assert_allclose(dWt, ref, rtol=0, atol=1e-13 * cond * np.abs(ref).max())
+
+
+def _gram_problems():
+    """Gram matrices of random features at several scales, ranks and alphas (rank-deficient and
+    badly scaled ones included), with the equilibrated matrix of each."""
+    rng = np.random.default_rng(7)
+    for n_rows, d, scale, rank, big in [
+        (50, 20, 1.0, 20, 1.0),
+        (400, 60, 1e3, 60, 1.0),
+        (400, 60, 1.0, 60, 1e3),
+        (30, 40, 1.0, 30, 1e3),
+        (200, 50, 1e-4, 10, 1e3),
+    ]:
+        Z = rng.normal(size=(n_rows, rank)) @ rng.normal(size=(rank, d)) * scale
+        Z[:, 0] *= big  # in some, one column far larger than the others
+        A = Z.T @ Z
+        for alpha in (1e-12, 1e-6, 1e-3, 1.0, 1e3):
+            c2 = np.diag(A) + alpha
+            H = (A + alpha * np.eye(d)) / np.sqrt(np.outer(c2, c2))
+            yield A, alpha, c2, H
+
+
+def test_the_condition_floor_is_below_the_true_and_the_estimated_reciprocal_condition():
+    """The bound that lets a Cholesky solve skip LAPACK's condition estimate: never above the
+    true reciprocal 1-norm condition number (numpy's inverse) nor above dpocon's estimate."""
+    from scipy.linalg import lapack
+
+    met = 0
+    for _, alpha, c2, H in _gram_problems():
+        anorm = np.abs(H).sum(axis=0).max()
+        floor = _solvers._rcond_floor(c2, alpha, anorm)
+        true = 1.0 / (anorm * np.abs(np.linalg.inv(H)).sum(axis=0).max())
+        L, info = lapack.dpotrf(H, lower=0, clean=1)
+        assert info == 0
+        estimate = lapack.dpocon(L, anorm)[0]
+        assert floor <= true * (1 + 1e-9) and floor <= estimate * (1 + 1e-9), (alpha, floor, true, estimate)
+        met += floor >= _solvers.CHOLESKY_MIN
+    assert met >= 3  # the bound does settle some of them
+
+
+def test_solving_with_the_condition_floor_is_the_solve_with_lapacks_estimate():
+    """The same choice of method and the same bits as with the estimate computed."""
+    rng = np.random.default_rng(8)
+    for A, alpha, _, _ in _gram_problems():
+        R = rng.normal(size=(A.shape[0], 2))
+        idx = np.arange(A.shape[0])
+        x_est, rcond_est = _solvers._scaled_cholesky(A, R, alpha, idx)
+        x_floor, rcond_floor = _solvers._scaled_cholesky(A, R, alpha, idx, need=_solvers.CHOLESKY_MIN)
+        assert (rcond_floor >= _solvers.CHOLESKY_MIN) == (rcond_est >= _solvers.CHOLESKY_MIN)
+        np.testing.assert_array_equal(x_floor, x_est)
+        X, cond = _solvers.solve_gram(A, R, alpha, return_cond=True)
+        np.testing.assert_array_equal(_solvers.solve_gram(A, R, alpha), X)
