@@ -205,12 +205,13 @@ def _shallow(net):
     return objs, key, list(classes)
 
 
-_ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+_ATOMIC = _fingerprint._PLAIN + _fingerprint._TORCH_ATOMS  # immutable values, held as they are
 
 
 def _plain_tree(net):
-    """Whether every module of ``net`` holds only plain values, tuples of them and strided
-    tensors as attributes, has no forward hooks and is no TorchScript module."""
+    """Whether every module of ``net`` holds only plain values, tuples of them and
+    :func:`_plain_tensor` tensors as attributes, parameters and buffers, has no forward hooks
+    and is no TorchScript module."""
     for m in net.modules():
         d = m.__dict__
         if d.get("_forward_hooks") or d.get("_forward_pre_hooks") or isinstance(m, torch.jit.ScriptModule):
@@ -219,14 +220,19 @@ def _plain_tree(net):
             if name in _fingerprint._MODULE_INTERNALS:
                 continue
             if isinstance(v, torch.Tensor):
-                if v.layout != torch.strided or v.is_quantized:
+                if not _plain_tensor(v):
                     return False
             elif type(v) not in _ATOMIC and not (type(v) is tuple and all(type(x) in _ATOMIC for x in v)):
                 return False
         for t in (*m._parameters.values(), *m._buffers.values()):
-            if t is not None and (t.layout != torch.strided or t.is_quantized):
+            if t is not None and not _plain_tensor(t):
                 return False
     return True
+
+
+def _plain_tensor(t):
+    """A strided, unquantized tensor with a version counter (inference tensors keep none)."""
+    return t.layout == torch.strided and not t.is_quantized and not t.is_inference()
 
 
 def _tensor_key(t):

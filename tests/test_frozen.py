@@ -402,3 +402,21 @@ def test_keeping_a_copy_does_not_keep_the_users_module_alive(trust, refers):
     del body, est, again
     gc.collect()
     assert alive() is None
+
+
+def test_an_inference_tensor_is_compared_bitwise_even_when_trusting_version_counters():
+    """A buffer made under torch.inference_mode keeps no version counter: the tree is compared
+    bitwise (and walked), with trust_version_counters too."""
+    clear_cache()
+    body, head = _Scaled(), nn.Linear(16, 1, dtype=torch.float64)
+    with torch.inference_mode():
+        body.shift = torch.zeros(16, dtype=torch.float64)
+    X, y = _data()
+    with config_context(trust_version_counters=True):
+        kept = LayerVariationalAdapter(body, head).fit(X, y)._extractor
+        assert LayerVariationalAdapter(body, head).fit(X, y)._extractor is kept
+        with torch.inference_mode():
+            body.shift[3] += 1.0  # an in-place write no counter records
+        second = LayerVariationalAdapter(body, head).fit(X, y)
+    assert second._extractor is not kept
+    assert_array_equal(second.intercept_, _oracle(body, head).fit(X, y).intercept_)
