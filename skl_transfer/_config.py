@@ -49,7 +49,7 @@ def set_config(trust_version_counters=None):
         again (on the CPU). False (the default setting): every parameter, buffer and tensor
         attribute is compared bitwise with the kept copy, and the module tree is walked
         (code, attributes, hooks), so any change is seen, whatever made it; the comparison
-        reads every weight (about 20 ms for 21 M parameters on two cores). True: torch's
+        reads every weight (13 to 20 ms for 21 M parameters on two cores). True: torch's
         version counters, which every in-place torch operation on a tensor increments
         (``optimizer.step()``, ``load_state_dict``, ``nn.init``, ``p.add_(...)`` under
         ``torch.no_grad()``), are trusted instead, with the identity, storage and shape of
