@@ -332,9 +332,10 @@ def _equilibrated_cholesky(A, alpha, idx, need=None):
         L, info = lapack.dpotrf(H, lower=0, clean=1)
         if info != 0:
             return None
-        floor = _rcond_floor(c2, alpha, anorm) if need is not None else 0.0
-        if need is not None and floor >= need:
-            return L, c, float(floor)
+        if need is not None:
+            floor = _rcond_floor(c2, alpha, anorm)
+            if floor >= need:
+                return L, c, float(floor)
         rcond, info = lapack.dpocon(L, anorm)
     if info != 0 or not np.isfinite(rcond):  # pragma: no cover - LAPACK argument errors
         return None
