@@ -215,6 +215,25 @@ def _code(exc):
     return getattr(exc, "sqlite_errorcode", 0) & 0xFF
 
 
+def _retry_busy(step, timeout=SQLITE_TIMEOUT):
+    """Run ``step()``, again while SQLite answers busy or locked, for up to ``timeout`` seconds.
+
+    SQLite does not call its busy handler for every lock it takes: changing the journal mode
+    of a file that another process is creating answers SQLITE_BUSY at once, whatever the
+    connection's timeout (two processes opening a new cache directory together).
+    """
+    deadline = time.monotonic() + timeout
+    pause = 0.001
+    while True:
+        try:
+            return step()
+        except sqlite3.OperationalError as exc:
+            if _code(exc) not in (5, 6) or time.monotonic() + pause > deadline:  # BUSY, LOCKED
+                raise
+        time.sleep(pause)
+        pause = min(2 * pause, 0.1)
+
+
 def _lock_name(mkey):
     if re.fullmatch(r"[0-9A-Za-z_-]{1,100}", mkey):
         return f"{mkey}.lock"
@@ -379,14 +398,7 @@ class DiskCache:
         except sqlite3.Error as exc:
             raise self._broken(exc) from exc
         try:
-            if not self._verify(con):
-                con.execute("PRAGMA journal_mode=WAL")
-                con.execute("BEGIN IMMEDIATE")
-                if not self._verify(con):  # another process may have just created it
-                    con.execute(_SCHEMA)
-                con.execute("COMMIT")
-            elif con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-                con.execute("PRAGMA journal_mode=WAL")
+            _retry_busy(lambda: self._initialise(con))
         except sqlite3.Error as exc:
             if _code(exc) == 8:  # SQLITE_READONLY: a read-only file system or file
                 con.close()
@@ -395,6 +407,19 @@ class DiskCache:
         finally:
             con.close()
         self._uri, self.readonly = uri, False
+
+    def _initialise(self, con):
+        """Create the schema in WAL mode if the file is empty; switch an existing file to WAL."""
+        if con.in_transaction:  # a retry after a busy error inside the transaction
+            con.execute("ROLLBACK")
+        if not self._verify(con):
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("BEGIN IMMEDIATE")
+            if not self._verify(con):  # another process may have just created it
+                con.execute(_SCHEMA)
+            con.execute("COMMIT")
+        elif con.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            con.execute("PRAGMA journal_mode=WAL")
 
     def _open_ro(self):
         base = Path(self.path).as_uri()
@@ -460,10 +485,11 @@ class DiskCache:
         loc.con = None
 
     def _run(self, work):
-        """``work(connection)``; reopen once if the cache went away."""
+        """``work(connection)``, again while SQLite answers busy without waiting; reopen once
+        if the cache went away."""
         for attempt in (0, 1):
             try:
-                return work(self._connection())
+                return _retry_busy(lambda: work(self._connection()))
             except (sqlite3.Error, OSError) as exc:
                 self._drop_connection()
                 if attempt == 0 and self._vanished(exc):

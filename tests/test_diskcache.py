@@ -567,3 +567,41 @@ def test_a_stopped_holder_times_out_with_a_clear_error(tmp_path, monkeypatch):
     assert os.path.join(d, "skl_transfer_locks") in msg and f"process {pid} on " in msg, msg
     assert "end that process" in msg and f"skl_transfer.clear_cache({d!r})" in msg
     _assert_fit_equals_oracle(_fit(body, X, y, d), body, X, y)  # the lock went with the process
+
+
+def test_opening_a_new_directory_while_another_process_creates_it_waits(tmp_path):
+    # another process has created the empty file and holds its write lock (it is creating the
+    # schema, its WAL mode not yet written); changing the journal mode then answers "database is
+    # locked" at once, without SQLite's busy timeout: the open must wait for the other process,
+    # not fail (a GridSearchCV with n_jobs=2 on a new cache directory failed one fit so in CI)
+    d = tmp_path / "features"
+    d.mkdir(mode=0o700)
+    path = d / FILE
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    plain = sqlite3.connect(path, isolation_level=None, timeout=5)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        plain.execute("PRAGMA journal_mode=WAL")  # the premise: no busy wait here
+    plain.close()
+    opened, errors = [], []
+
+    def open_cache():
+        try:
+            opened.append(_diskcache.DiskCache(str(d)))
+        except Exception as exc:  # noqa: BLE001 (reported by the assertion below)
+            errors.append(exc)
+
+    t = threading.Thread(target=open_cache)
+    t.start()
+    time.sleep(0.3)
+    assert not errors and not opened  # waiting for the lock
+    other.execute(_diskcache._SCHEMA)
+    other.execute("COMMIT")
+    other.close()
+    t.join(30)
+    assert not errors, errors
+    assert opened and not opened[0].readonly
+    con = sqlite3.connect(path)
+    assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    con.close()
