@@ -773,9 +773,9 @@ class AdapterRegressorMixin(RegressorMixin):
         score : float
             R^2 of ``predict(X)`` against ``y``.
         """
-        pred = self.predict(X)
+        pred = self.predict(X)  # once (RegressorMixin.score would predict again)
         if pred.ndim <= 2:
-            return super().score(X, y, sample_weight)
+            return float(r2_score(y, pred, sample_weight=sample_weight))
         y = np.asarray(to_numpy(y))
         return float(
             r2_score(y.reshape(len(y), -1), pred.reshape(len(pred), -1), sample_weight=sample_weight)

@@ -76,16 +76,17 @@ def test_partial_fit_memory_does_not_grow_with_batches():
             est.partial_fit(X[idx], y[idx, 0])
             gc.collect()  # what stays held, not what a collection has yet to free
             current, peak = tracemalloc.get_traced_memory()
-            if i >= 2:
+            if i >= 5:  # after the first calls' one-off caches (imports, sklearn, scipy)
                 peaks.append(peak)
                 held.append(current)
     finally:
         tracemalloc.stop()
     # neither what a call holds at its peak nor what stays held afterwards grows with the
-    # number of batches: over 47 calls, less than half of one batch (a few bytes per call
-    # come from the interpreter and scipy, not from data)
+    # number of batches: over 44 calls, less than one batch (64 KiB; a few hundred bytes per
+    # call come from the interpreter and scipy, not from data, up to 25 KiB in all measured).
+    # Holding a batch per call would add 2.8 MiB; holding its 32 x 32 Gram matrix, 350 KiB.
     assert max(peaks[-10:]) <= 1.2 * max(peaks[:10])
-    assert held[-1] - held[0] < 32 * 1024
+    assert held[-1] - held[0] < 64 * 1024
 
 
 def test_partial_fit_zero_weight_batches_and_errors():

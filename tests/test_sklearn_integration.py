@@ -112,3 +112,20 @@ def test_joblib_backends_equal_sequential(backend):
     with joblib.parallel_backend(backend, n_jobs=2):
         par = GridSearchCV(est, grid, cv=3).fit(X, y)
     assert_allclose(seq.cv_results_["mean_test_score"], par.cv_results_["mean_test_score"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_score_is_r2_of_one_forward_pass(weighted):
+    from conftest import CountingModule
+    from sklearn.metrics import r2_score
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(90, 5))
+    y = np.tanh(X[:, :2]) @ np.array([1.0, -0.5]) + 0.1 * rng.normal(size=90)
+    body = CountingModule(make_body())
+    est = LayerVariationalAdapter(body, make_head(), alpha=0.3, cache=False).fit(X[:60], y[:60])
+    sw = rng.uniform(0.5, 2.0, 30) if weighted else None
+    before = body.rows_seen
+    got = est.score(X[60:], y[60:], sample_weight=sw)
+    assert body.rows_seen - before == 30  # the held-out rows through the extractor once (it was twice)
+    assert got == r2_score(y[60:], est.predict(X[60:]), sample_weight=sw)
