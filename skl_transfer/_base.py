@@ -411,9 +411,16 @@ class BaseAdapter(BaseEstimator):
     def _features(self, net, X, desc="features", cached=None, use_cache=True):
         """The feature stream of X (:func:`feature_batches`), with a tqdm progress bar over
         batches when verbose."""
-        if cached is None and use_cache:  # predict: the fitted copy's digest, recomputed if it changed
-            # a shared copy is written by nobody (extractor_ gives users their own): its digest holds
-            trusted = net is self.__dict__.get("_extractor") and self.__dict__.get("_extractor_shared", False)
+        if cached is None and use_cache and self.cache is not False:
+            # predict: the fitted copy's digest, recomputed if it changed. A shared copy is
+            # written by nobody (extractor_ gives users their own), but it runs code and reads
+            # globals it shares with the user's module: its digest holds while its shallow
+            # check says they are as they were
+            trusted = (
+                net is self.__dict__.get("_extractor")
+                and self.__dict__.get("_extractor_shared", False)
+                and _frozen.copy_unchanged(net)
+            )
             cached = cached_extractor(net, X, self.cache, getattr(self, "_weights_digest", None), trusted)
             if cached is not None:
                 self._weights_digest = cached.digest  # what net matches now (its tensors' identities)

@@ -8,7 +8,8 @@ The digest (:func:`fingerprint`) covers the computation that runs, not only the 
   plain values that code loads as globals (``helpers.f`` through a module global too),
   recursively; code of installed packages (torch, numpy, torchvision, ...) and of the standard
   library is keyed by the package's version and Python's;
-* its parameters, buffers and tensors held anywhere in its attributes (bitwise), its plain
+* its parameters, buffers and tensors held anywhere in its attributes (bitwise, with their
+  strides, the class of a tensor subclass and Python attributes set on a tensor), its plain
   attributes (numbers, strings, bytes, None, tuples, lists, dicts and sets of those, numpy
   arrays, dataclasses, enums, functions); an attribute of another kind is keyed by its type
   only (its state is not seen);
@@ -76,9 +77,11 @@ class CacheKeyWarning(UserWarning):
       functions) and what that code loads as globals (helper functions, classes, constants,
       ``helpers.f`` through a module), recursively. Code of installed packages (torch, numpy,
       torchvision, ...) and of the standard library is keyed by the package's version and
-      Python's; a TorchScript module by its compiled code. Redefining a class with another
+      Python's. Redefining a class with another
       ``forward`` under the same name is therefore a miss;
-    - every parameter and buffer (bitwise), tensors and numpy arrays held in attributes, and
+    - every parameter and buffer (bitwise, with its strides: a memory format such as
+      ``channels_last`` runs other kernels; and Python attributes set on a tensor), tensors
+      and numpy arrays held in attributes, and
       the module's plain attributes (numbers, strings, bytes, None, tuples, lists, dicts and
       sets of those, dataclasses, enums, functions, ``functools.partial`` objects, classes),
       and its ``repr``;
@@ -110,7 +113,8 @@ class CacheKeyWarning(UserWarning):
     **This warning** is raised, and the extractor not cached, for:
 
     - a hook (or active torch mode) whose state holds an object of no kind above (its state
-      cannot be read), a TorchScript object attribute, or a tensor whose bytes cannot be read;
+      cannot be read), a TorchScript module or object attribute (their attributes live in
+      C++, where they cannot be listed), or a tensor whose bytes cannot be read;
     - a non-deterministic extractor. The first time a model is seen in a process, its first
       sample, if no cache holds it, runs twice (random state restored in between, so a fit
       equals ``cache=False`` with the same seed) and must give the same bits and leave its
@@ -150,7 +154,7 @@ class NotDeterministic(Exception):
 
 
 def _tensor_bytes(t):
-    t = t.detach()
+    t = t.detach().resolve_conj().resolve_neg()  # the values, not a lazy conjugate or negation
     if t.is_quantized:
         q = [str(t.qscheme()), t.int_repr()]
         if t.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
@@ -297,7 +301,6 @@ def _code(code):
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
 _HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
-_SCRIPT_INTERNALS = frozenset({"_c", "_concrete_type", "_initializing", "_actual_script_module"})
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
 _TORCH_ATOMS = (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.Size)
 _BUILTIN_CALLABLES = (
@@ -452,7 +455,14 @@ class _Walk:
     def tensor(self, t, where):
         if self._ref(t):
             return
-        self.put("tensor", t.dtype, tuple(t.shape), t.layout, t.is_quantized)
+        # strides too: a memory format (channels_last) changes which kernels run, and their rounding
+        strides = t.stride() if t.layout == torch.strided else None
+        self.put("tensor", t.dtype, tuple(t.shape), strides, t.layout, t.is_quantized)
+        if type(t) not in (torch.Tensor, torch.nn.Parameter):  # a subclass: its code
+            self.cls(type(t))
+        if t.__dict__:  # Python attributes set on the tensor (a forward may read them)
+            self.put("tensor attributes")
+            self.value(dict(t.__dict__), False, f"{where} (its attributes)")
         self.tensors.append(t)
 
     def function(self, f, strict, where):
@@ -514,19 +524,17 @@ class _Walk:
             self.bound(h, True, where)
 
     def module(self, m, where="the extractor"):
-        self.cls(type(m))
         if isinstance(m, torch.jit.ScriptModule):
-            try:
-                names = sorted(m._c._method_names())
-                self.put("script", *(m._c._get_method(n).code for n in names))
-            except Exception as err:
-                raise Unkeyable(
-                    "module", f"{where}: the code of a TorchScript module cannot be read ({err})"
-                ) from err
-        script = isinstance(m, torch.jit.ScriptModule)
+            # its attributes (numbers, strings, lists) live in C++, where nothing lists them: a
+            # change to one would not be seen
+            raise Unkeyable(
+                "module",
+                f"{where} is a TorchScript module ({type(m).__qualname__}), whose attributes cannot be read",
+            )
+        self.cls(type(m))
         for name, v in vars(m).items():
-            if name in _MODULE_INTERNALS or (script and name in _SCRIPT_INTERNALS):
-                continue  # a ScriptModule's C++ module: its code is keyed above, its tensors below
+            if name in _MODULE_INTERNALS:
+                continue
             self.put("attr", name)
             self.value(v, False, f"{where}.{name}")
         for kind in ("_parameters", "_buffers"):
@@ -721,9 +729,13 @@ def same_bits(a, b):
     wherever they are: compared in place as integers, without a copy to the host."""
     if a.shape != b.shape or a.dtype != b.dtype or a.layout != b.layout:
         return False
+    if "meta" in (a.device.type, b.device.type):  # no values to compare
+        return a.device == b.device
     if a.layout != torch.strided or a.is_quantized:
         return _tensor_bytes(a) == _tensor_bytes(b)
-    a, b = a.detach(), b.detach().to(a.device)
+    # (the values, not a lazy conjugate or negation, which view_as_real and view refuse)
+    a = a.detach().resolve_conj().resolve_neg()
+    b = b.detach().to(a.device).resolve_conj().resolve_neg()
     if a.is_complex():
         a, b = torch.view_as_real(a), torch.view_as_real(b)
     if a.is_floating_point():

@@ -24,9 +24,12 @@ storage are trusted instead (about 2 ms for a ResNet-50, against about 15 ms).
 
 Not kept: a module whose walk keys some attribute by its type only (an object of the user's
 own class, whose state the walk cannot see: a kept copy would keep its old state for whole
-fits, where the cache's digest misses only cached rows), that cannot walk at all, or whose
-copy refers to it (:func:`_refers_to`: kept, the copy would keep the module alive), all
-remembered so that later fits do not walk it for nothing; and a named layer's model (the
+fits, where the cache's digest misses only cached rows), that cannot walk at all, whose
+copy refers to it (:func:`_refers_to`: kept, the copy would keep the module alive), or whose
+walk meets a tensor its copy shares (:func:`_shares_tensors`: a global, a class attribute, a
+default or closure variable, a global module's weight; comparing the copy with the module
+cannot see it change), all remembered so that later fits do not walk it for nothing; and a
+named layer's model (the
 layer's input is read through a hook registered on the copy during each forward, which
 estimators sharing the copy in several threads would see).
 
@@ -50,7 +53,8 @@ from ._torch import frozen_copy
 
 MAX_THREADS = 4  # copies kept per module: one per thread (threaded searches), the latest ones
 _MEMO: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # user's module -> {thread: Frozen}
-_SHARED: weakref.WeakSet = weakref.WeakSet()  # every copy ever kept (estimators may share it)
+# every copy ever kept (estimators may share it) -> a weak reference to its Frozen
+_SHARED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _UNKEPT: weakref.WeakSet = weakref.WeakSet()  # modules found not to be keepable: no walks for them
 _LOCK = threading.Lock()
 
@@ -230,9 +234,20 @@ def _plain_tree(net):
     return True
 
 
+_BUFFER_FLAGS = frozenset({"persistent", "_is_buffer"})  # what torch.nn.Buffer leaves on a buffer
+
+
 def _plain_tensor(t):
-    """A strided, unquantized tensor with a version counter (inference tensors keep none)."""
-    return t.layout == torch.strided and not t.is_quantized and not t.is_inference()
+    """A strided, unquantized tensor with a version counter (inference tensors keep none), of
+    torch's own tensor classes and without Python attributes of its own (but for
+    ``torch.nn.Buffer``'s flags), which :class:`Quick` does not compare."""
+    return (
+        type(t) in (torch.Tensor, torch.nn.Parameter)
+        and t.layout == torch.strided
+        and not t.is_quantized
+        and not t.is_inference()
+        and t.__dict__.keys() <= _BUFFER_FLAGS
+    )
 
 
 def _tensor_key(t):
@@ -244,15 +259,25 @@ def _tensor_key(t):
     return (t._version, t.data_ptr(), t.shape, t.stride(), t.dtype, t.device)
 
 
-def _stamp_if_equal(w, net):
-    """The walk stamp of the copy ``net`` when the tensors of ``w`` (its module's walk) are
-    bitwise its own, on the same devices, else None. Raises :class:`~._fingerprint.Unkeyable`."""
-    own = _fingerprint.walk(net)
-    if len(own.tensors) != len(w.tensors):
+def _stamp_if_equal(w, net, own=None):
+    """The walk stamp of the copy ``net`` (``own``: its walk, when taken already) when the
+    tensors of ``w`` (its module's walk) are bitwise its own, on the same devices, and none is
+    the module's own tensor, else None. Raises :class:`~._fingerprint.Unkeyable`."""
+    own = _fingerprint.walk(net) if own is None else own
+    if len(own.tensors) != len(w.tensors) or _shares_tensors(w, own):
         return None
     pairs = zip(w.tensors, own.tensors, strict=True)
     same = all(a.device == b.device and _fingerprint.same_bits(a, b) for a, b in pairs)
     return own.hexdigest() if same else None
+
+
+def _shares_tensors(w, own):
+    """Whether the walks of a module (``w``) and of its copy (``own``) meet the same tensor
+    object: one the copy does not own (a global, a class attribute, a function's default or
+    closure, a global module's weight, a hook's state), which comparing the copy with its module
+    cannot see change."""
+    mine = {id(t) for t in w.tensors}  # (both walks keep what they met alive: ids are unique)
+    return any(id(t) in mine for t in own.tensors)
 
 
 _MAX_REFERENTS = 200_000  # objects searched from a copy; beyond, it is taken to refer to its module
@@ -312,7 +337,10 @@ def frozen(module, device, keep):
             raise _fingerprint.Unkeyable("module", "an attribute keyed by its type only")
         if _refers_to(net, module):  # kept, it would keep the module alive: not now, nor later
             raise _fingerprint.Unkeyable("module", "a function that holds the module itself")
-        own_stamp = _stamp_if_equal(w, net)
+        own = _fingerprint.walk(net)
+        if _shares_tensors(w, own):  # an edit of such a tensor would not be seen: not kept
+            raise _fingerprint.Unkeyable("module", "a tensor that its copy shares")
+        own_stamp = _stamp_if_equal(w, net, own)
     except _fingerprint.Unkeyable:
         with _LOCK:
             _UNKEPT.add(module)
@@ -322,7 +350,7 @@ def frozen(module, device, keep):
     made = Frozen(net, w.hexdigest(), own_stamp)
     made.take_quick(module)
     with _LOCK:
-        _SHARED.add(net)
+        _SHARED[net] = weakref.ref(made)
         per_thread = _MEMO.setdefault(module, {})
         per_thread.pop(thread, None)
         per_thread[thread] = made
@@ -334,6 +362,19 @@ def frozen(module, device, keep):
 def is_shared(net):
     """Whether ``net`` is a copy that was kept, which several estimators may hold."""
     return net is not None and net in _SHARED
+
+
+def copy_unchanged(net):
+    """Whether the kept copy ``net`` is as it was kept, code and globals included, by the
+    shallow check of :class:`Quick` (its classes' code and the globals it reads, torch's global
+    state, its attributes and tensors): what lets ``predict`` reuse the copy's digest without a
+    walk. False when that cannot be told so (not a kept copy, its :class:`Frozen` gone, a tree
+    that :class:`Quick` does not check): the caller then walks it."""
+    with _LOCK:
+        ref = _SHARED.get(net) if net is not None else None
+    made = ref() if ref is not None else None
+    quick = None if made is None else made._quick
+    return quick is not None and quick[1].same(net)
 
 
 def forget():

@@ -79,9 +79,13 @@ def frozen_copy(module, device):
             "a private copy so as never to modify yours. Make the module deep-copyable (for "
             "weight norm, use torch.nn.utils.parametrizations.weight_norm)."
         ) from err
-    net.to(device)
+    with warnings.catch_warnings():  # Module.to reads .grad of a copied TorchScript module's non-leaf weights
+        warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf")
+        net.to(device)
     net.eval()
-    net.requires_grad_(False)
+    for p in net.parameters():  # (a TorchScript module refuses requires_grad_ on itself)
+        if p.is_leaf:  # (a deep-copied TorchScript module's may not be: run under inference_mode anyway)
+            p.requires_grad_(False)
     return net
 
 

@@ -420,3 +420,191 @@ def test_an_inference_tensor_is_compared_bitwise_even_when_trusting_version_coun
         second = LayerVariationalAdapter(body, head).fit(X, y)
     assert second._extractor is not kept
     assert_array_equal(second.intercept_, _oracle(body, head).fit(X, y).intercept_)
+
+
+# -- what a copy shares with its module, and tensors' own state (a review's findings) -------------
+
+_OUTSIDE = torch.ones(16, dtype=torch.float64)  # a global tensor the forward reads
+_OUTSIDE_NET = nn.Linear(16, 16, dtype=torch.float64)  # a global module the forward calls
+
+
+class _ReadsGlobal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 16, dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) * _OUTSIDE
+
+
+class _ReadsClassTensor(_ReadsGlobal):
+    scale = torch.ones(16, dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) * self.scale
+
+
+class _ReadsDefault(_ReadsGlobal):
+    def forward(self, x, scale=torch.ones(16, dtype=torch.float64)):  # noqa: B008 (what is tested)
+        return torch.tanh(self.lin(x)) * scale
+
+
+class _CallsGlobalModule(_ReadsGlobal):
+    def forward(self, x):
+        return torch.tanh(_OUTSIDE_NET(torch.tanh(self.lin(x))))
+
+
+def _outside_tensor(body):
+    if isinstance(body, _CallsGlobalModule):
+        return _OUTSIDE_NET.weight
+    if isinstance(body, _ReadsClassTensor):
+        return type(body).scale
+    if isinstance(body, _ReadsDefault):
+        return type(body).forward.__defaults__[0]
+    return _OUTSIDE
+
+
+@pytest.mark.parametrize("cls", [_ReadsGlobal, _ReadsClassTensor, _ReadsDefault, _CallsGlobalModule])
+@pytest.mark.parametrize("cache", [True, False])
+def test_an_edit_of_a_tensor_the_copy_shares_with_its_module_is_seen(cls, cache):
+    # deepcopy shares globals, classes and functions: comparing the copy with its module cannot
+    # see such a tensor change (the two hold the same object), so the copy is not kept
+    clear_cache()
+    body, head = cls(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    shared = _outside_tensor(body)
+    before = shared.detach().clone()
+    try:
+        first = LayerVariationalAdapter(body, head, alpha=0.1, cache=cache).fit(X, y)
+        with torch.no_grad():
+            shared.mul_(3.0)
+        second = LayerVariationalAdapter(body, head, alpha=0.1, cache=cache).fit(X, y)
+        oracle = _oracle(body, head, alpha=0.1).fit(X, y)
+        assert_array_equal(second.coef_, oracle.coef_)
+        assert np.abs(first.coef_ - oracle.coef_).max() > 1e-3  # the edit matters
+        # the first estimator's copy reads the edited tensor too: its predict, through the
+        # cache, is what it computes with the cache off
+        cached = first.predict(X)
+        assert_array_equal(cached, first.set_params(cache=False).predict(X))
+    finally:
+        with torch.no_grad():
+            shared.copy_(before)
+
+
+_SCALE = 1.0  # a global number the forward reads
+
+
+class _ReadsGlobalNumber(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 16, dtype=torch.float64)
+
+    def forward(self, x):
+        return torch.tanh(_SCALE * self.lin(x))
+
+
+def test_predict_through_a_shared_copy_sees_a_change_of_the_globals_its_code_reads():
+    # the kept copy runs the class's code, which reads the global as it is now: predict's
+    # cache must not serve the rows of the old value
+    global _SCALE
+    clear_cache()
+    body, head = _ReadsGlobalNumber(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    est = LayerVariationalAdapter(body, head, alpha=0.1, cache=True).fit(X, y)
+    assert _frozen.is_shared(est._extractor)
+    try:
+        _SCALE = 3.0
+        cached = est.predict(X)
+        assert_array_equal(cached, est.set_params(cache=False).predict(X))
+    finally:
+        _SCALE = 1.0
+
+
+class _TensorAttribute(nn.Module):
+    """A forward that reads a Python attribute set on a tensor."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = nn.Linear(6, 16, dtype=torch.float64)
+        self.t = torch.ones(16, dtype=torch.float64)
+        self.t.scale = 1.0
+
+    def forward(self, x):
+        return torch.tanh(self.lin(x)) * (self.t * self.t.scale)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_an_attribute_set_on_a_tensor_is_seen(cache):
+    clear_cache()
+    body, head = _TensorAttribute(), nn.Linear(16, 1, dtype=torch.float64)
+    X, y = _data()
+    first = LayerVariationalAdapter(body, head, alpha=0.1, cache=cache).fit(X, y)
+    body.t.scale = 3.0
+    second = LayerVariationalAdapter(body, head, alpha=0.1, cache=cache).fit(X, y)
+    assert second._extractor is not first._extractor and second._extractor.t.scale == 3.0
+    assert_array_equal(second.coef_, _oracle(body, head, alpha=0.1).fit(X, y).coef_)
+    # the digest keys it too: another value is another model
+    assert _fingerprint.fingerprint(first._extractor) != _fingerprint.fingerprint(second._extractor)
+
+
+def _conv_body():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2), nn.Flatten())
+    body.notes = ["a list: the walk's path, not the shallow check"]
+    return body
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_a_change_of_memory_format_is_seen(cache):
+    # channels_last runs other convolution kernels, which round otherwise: another model
+    clear_cache()
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3, 8, 8)).astype(np.float32)
+    y = X[:, 0, 0, 0] + 0.1 * rng.normal(size=40)
+    body, head = _conv_body(), nn.Linear(64, 1)
+    first = LayerVariationalAdapter(body, head, alpha=0.1, cache=cache).fit(X, y)
+    body.to(memory_format=torch.channels_last)
+    second = LayerVariationalAdapter(body, head, alpha=0.1, cache=cache).fit(X, y)
+    assert second._extractor is not first._extractor
+    assert second._extractor[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert_array_equal(second.coef_, _oracle(body, head, alpha=0.1).fit(X, y).coef_)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        torch.ones(3, dtype=torch.complex128).conj(),  # a lazy conjugate
+        torch.ones(3, dtype=torch.complex128).conj().imag,  # a lazy negation
+        torch.empty(3, device="meta"),
+    ],
+    ids=["conj bit", "neg bit", "meta"],
+)
+def test_tensor_attributes_of_every_kind_are_compared_without_error(value):
+    clear_cache()
+    body, head = _body(), nn.Linear(16, 1, dtype=torch.float64)
+    body.extra = value  # unused by the forward
+    X, y = _data()
+    first = LayerVariationalAdapter(body, head, cache=False).fit(X, y)
+    again = LayerVariationalAdapter(body, head, cache=False).fit(X, y)
+    assert again._extractor is first._extractor
+    assert_array_equal(again.coef_, _oracle(body, head).fit(X, y).coef_)
+    assert _fingerprint.same_bits(value, copy.deepcopy(value))
+
+
+def test_a_torchscript_extractor_is_fitted_and_not_cached():
+    import warnings
+
+    clear_cache()
+    X, y = _data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated
+        body = torch.jit.trace(_body(), torch.zeros(2, 6, dtype=torch.float64))
+    head = nn.Linear(16, 1, dtype=torch.float64)
+    with pytest.warns(CacheKeyWarning, match="TorchScript module"):
+        est = LayerVariationalAdapter(body, head, alpha=0.1, cache=True).fit(X, y)
+    assert all(p.requires_grad for p in body.parameters())  # the user's module untouched
+    oracle = LayerVariationalAdapter(_body(), head, alpha=0.1, cache=False).fit(X, y)
+    assert_allclose(est.coef_, oracle.coef_, rtol=1e-12)
