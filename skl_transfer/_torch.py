@@ -220,7 +220,10 @@ def to_float64(x):
 
 
 def from_numpy(a):
-    """A CPU tensor sharing the memory of numpy array ``a``."""
+    """A CPU tensor sharing the memory of numpy array ``a`` (of a copy when ``a`` has a negative
+    stride, which torch does not take: a reversed column, a flipped channel)."""
+    if a.ndim and min(a.strides) < 0:
+        a = a.copy()
     return torch.from_numpy(a)
 
 

@@ -208,3 +208,25 @@ def test_classifier_checks_feature_names_too():
     est = LayerVariationalClassifier(make_body(), make_head(n_out=2)).fit(df, y)
     with pytest.raises(ValueError, match="feature names"):
         est.predict(df[list("edcba")])
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_negative_strides_equal_a_copy(cache):
+    # numpy calls an array with a negative stride on an axis of length 1 C-contiguous (the
+    # channel flip X[:, ::-1] of 1-channel images, a reversed single column); torch takes no
+    # negative strides: the fit must equal the fit on a copy, not fail
+    rng = np.random.default_rng(0)
+    imgs = rng.normal(size=(40, 1, 4, 4))[:, ::-1]
+    assert imgs.flags.c_contiguous and min(imgs.strides) < 0
+    y = rng.normal(size=40)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(16, 5, dtype=torch.float64), nn.Tanh())
+    head = nn.Linear(5, 1, dtype=torch.float64)
+    got = LayerVariationalAdapter(body, head, alpha=0.5, cache=cache).fit(imgs, y)
+    ref = LayerVariationalAdapter(body, head, alpha=0.5, cache=False).fit(imgs.copy(), y)
+    np.testing.assert_array_equal(got.coef_, ref.coef_)
+    np.testing.assert_array_equal(got.predict(imgs), ref.predict(imgs.copy()))
+    col = rng.normal(size=(40, 1))[:, ::-1]  # features: ridge regression, as sklearn's
+    plain = LayerVariationalAdapter(alpha=0.5, cache=cache).fit(col, y)
+    ridge = Ridge(alpha=0.5).fit(col.copy(), y)
+    assert_allclose(plain.coef_, ridge.coef_, rtol=1e-12)
+    assert_allclose(plain.predict(col), ridge.predict(col.copy()), rtol=1e-12)
