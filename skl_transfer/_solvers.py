@@ -550,6 +550,14 @@ def ridge_from_data(Z, Q, s, alpha, fit_intercept, tol=None, floor=None, rtol=No
     ok = rn > 0
     sv = linalg.svdvals(A[ok] / rn[ok, None], check_finite=False) if ok.any() else np.zeros(1)
     full_rank = ok.all() and sv[-1] > tol * sv[0]
+    if alpha > 0 and not full_rank:
+        # Rows of zero norm (zero weight, or equal to the mean) constrain nothing: dropped.
+        # Centring leaves the rows one exact null direction, sqrt(s) (A^T sqrt(s) = 0), which R
+        # shares (R^T sqrt(s) = 0): no noise, and alpha I keeps [A, sqrt(alpha) I] of full row
+        # rank. Only a further small singular value is rank deficiency at the data's rounding.
+        A, R, rn = A[ok], R[ok], rn[ok]
+        exact = 1 if fit_intercept else 0
+        full_rank = sv.size > exact and sv[sv.size - 1 - exact] > tol * sv[0]
     if not full_rank:
         if alpha == 0:
             # rank-deficient rows: the minimum-norm least-squares solution in the original
@@ -558,7 +566,7 @@ def ridge_from_data(Z, Q, s, alpha, fit_intercept, tol=None, floor=None, rtol=No
             return dWt
         if not _lifts(alpha / rn.max() ** 2, tol, sv[0]):
             return None  # alpha does not lift the noise directions: keep the thresholded solve
-    C = np.hstack([A, np.sqrt(alpha) * np.eye(n)]) if alpha > 0 else A
+    C = np.hstack([A, np.sqrt(alpha) * np.eye(A.shape[0])]) if alpha > 0 else A
     cn = np.sqrt(np.einsum("ij,ij->i", C, C))
     Qc, Rc = linalg.qr((C / cn[:, None]).T, mode="economic", check_finite=False)  # rows scaled: same w
     w = Qc @ linalg.solve_triangular(Rc, R / cn[:, None], trans="T", check_finite=False)

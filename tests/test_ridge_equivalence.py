@@ -327,3 +327,21 @@ def test_other_heads_keep_float64_and_the_heads_output_shapes():
     est = LayerVariationalAdapter(torch.nn.Identity(), None, cache=False).fit(torch.as_tensor(X), y[:, 0])
     assert est.coef_.shape == (4,) and est.coef_.dtype == np.float64
     assert type(est.intercept_) is float and est.predict(torch.as_tensor(X)).dtype == np.float64
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("alpha", [1e-6, 1.0])
+def test_fewer_rows_than_scaled_columns_against_exact_arithmetic(alpha, weighted):
+    # n < d (the dual form) with an intercept: centring leaves the rows one exact null
+    # direction, which is no rank deficiency; columns on scales 1e-5 to 1e5 leave the kernel
+    # ill-conditioned although the ridge problem is not (the solve from the rows was refused
+    # and the thresholded kernel eigendecomposition was 4e-3 off at alpha = 1)
+    rng = np.random.default_rng(2)
+    n, d = 16, 24
+    X = rng.normal(size=(n, d)) * 10 ** rng.uniform(-5, 5, size=d)
+    y = X @ rng.normal(size=d) + rng.normal(size=n)
+    sw = rng.uniform(0.2, 3.0, n) if weighted else None
+    coef, intercept = exact_ridge(X, y, alpha, sample_weight=sw)
+    est = LayerVariationalAdapter(None, None, alpha=alpha).fit(X, y, sample_weight=sw)
+    assert rel(est.coef_, coef) < 1e-8
+    assert est.intercept_ == pytest.approx(intercept, rel=1e-8)
