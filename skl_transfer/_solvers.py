@@ -550,14 +550,17 @@ def ridge_from_data(Z, Q, s, alpha, fit_intercept, tol=None, floor=None, rtol=No
     ok = rn > 0
     sv = linalg.svdvals(A[ok] / rn[ok, None], check_finite=False) if ok.any() else np.zeros(1)
     full_rank = ok.all() and sv[-1] > tol * sv[0]
-    if alpha > 0 and not full_rank:
+    exact = 1 if fit_intercept else 0
+    if alpha > 0 and not full_rank and ok.any():
         # Rows of zero norm (zero weight, or equal to the mean) constrain nothing: dropped.
-        # Centring leaves the rows one exact null direction, sqrt(s) (A^T sqrt(s) = 0), which R
-        # shares (R^T sqrt(s) = 0): no noise, and alpha I keeps [A, sqrt(alpha) I] of full row
-        # rank. Only a further small singular value is rank deficiency at the data's rounding.
-        A, R, rn = A[ok], R[ok], rn[ok]
-        exact = 1 if fit_intercept else 0
-        full_rank = sv.size > exact and sv[sv.size - 1 - exact] > tol * sv[0]
+        # Centring leaves the rows one exact null direction u = sqrt(s) (A^T u = 0), which R
+        # shares (R^T u = 0), and alpha I keeps [A, sqrt(alpha) I] of full row rank: only a
+        # further small singular value is rank deficiency at the data's rounding. What rounding
+        # leaves of A^T u and R^T u (about eps times the rows) moves the solution by about
+        # n eps^2 max|a_i|^2 / alpha relative: u is ignored while alpha keeps that small.
+        if not exact or _lifts(alpha / rn[ok].max() ** 2, ok.sum() * np.finfo(np.float64).eps ** 2, 1.0):
+            A, R, rn = A[ok], R[ok], rn[ok]
+            full_rank = sv.size > exact and sv[sv.size - 1 - exact] > tol * sv[0]
     if not full_rank:
         if alpha == 0:
             # rank-deficient rows: the minimum-norm least-squares solution in the original
