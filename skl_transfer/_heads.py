@@ -64,6 +64,21 @@ def as_prior(head):
     """Read a head into a :class:`Prior` (copies; the head itself is never modified)."""
     if head is None:
         return Prior(None, None)
+    for base in (nn.Linear, nn.Conv1d, nn.Conv2d):
+        if not isinstance(head, base):
+            continue
+        own = [
+            f
+            for f in ("forward", "_conv_forward")
+            if getattr(type(head), f, None) is not getattr(base, f, None)
+        ]
+        if own:
+            raise TypeError(
+                f"head is a {type(head).__name__}, a subclass of torch.nn.{base.__name__} with its own "
+                f"{own[0]}: its output is not the layer's (x @ W.T + b for a Linear), which the "
+                f"closed-form update fits. Adapt a plain torch.nn.{base.__name__}, or split the "
+                "network by hand so that the head is one."
+            )
     if isinstance(head, nn.Linear):
         if nn.parameter.is_lazy(head.weight):
             raise TypeError(

@@ -39,6 +39,7 @@ def named_layer(model, name):
         raise ValueError(
             "head='' names no layer; pass a dotted submodule path such as 'fc' or 'classifier.3'."
         )
+    _check_hookable(model, name)
     try:
         layer = model.get_submodule(name)
     except AttributeError:
@@ -49,7 +50,50 @@ def named_layer(model, name):
             f"head={name!r} is not a submodule of {type(model).__name__}; the Linear/Conv layers "
             f"it has are {names[-8:]} (the last ones shown), named as model.get_submodule takes."
         )
+    _check_replaceable(layer, name)
     return layer
+
+
+def _check_hookable(model, name):
+    """A named layer is read through hooks during the model's forward: no TorchScript model."""
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(
+            f"head={name!r} names a layer of a TorchScript module ({type(model).__name__}), whose "
+            "layers cannot be hooked to read their input. Pass the original torch.nn.Module, or split "
+            "the network by hand into an extractor and a head (extractor=body, head=last_layer)."
+        )
+
+
+def _check_replaceable(layer, name):
+    """Refuse a layer whose weight the update cannot stand for: one computed at each forward (a
+    parametrization, pruning), or whose output is not its weight's (forward hooks). Checked
+    before the weight is read (reading a parametrized weight may run it: spectral_norm's power
+    iteration writes its buffers in train mode)."""
+    from torch.nn.utils import parametrize, prune
+
+    where = f"model.get_submodule({name!r})"
+    if parametrize.is_parametrized(layer):
+        raise ValueError(
+            f"The layer {name!r} has a parametrized weight (weight_norm, spectral_norm or your own "
+            "parametrization): its weight is computed at each forward, and the update, which "
+            "replaces the weight itself, would be lost on export. Fix: on a copy of the model, "
+            f"torch.nn.utils.parametrize.remove_parametrizations({where}, 'weight') (and 'bias' if "
+            "parametrized), then adapt that copy."
+        )
+    if any(isinstance(h, prune.BasePruningMethod) for h in layer._forward_pre_hooks.values()):
+        raise ValueError(
+            f"The layer {name!r} is pruned: its weight is weight_orig times a mask at each forward, "
+            "so the update would be lost on export and would not keep the mask. Fix: "
+            f"torch.nn.utils.prune.remove({where}, 'weight') on a copy of the model (the pruned "
+            "weight made permanent), then adapt that copy."
+        )
+    if layer._forward_hooks:
+        raise ValueError(
+            f"The layer {name!r} has forward hooks, which change its output after the layer: the "
+            "update fits the layer's own output (x @ W.T + b), and the exported model would run "
+            "the hooks on it. Remove them (handle.remove()) before adapting the layer, or split the "
+            "network by hand into an extractor and a head."
+        )
 
 
 class _Reached(BaseException):  # noqa: N818 - not an error: ends a forward pass early
@@ -142,6 +186,7 @@ def last_called_layer(model, x):
     """``head="auto"``: the dotted name of the last ``Linear``/``Conv1d``/``Conv2d`` submodule
     that ``model``'s forward calls on the batch ``x`` (last in call order, not in registration
     order), checked to be called once as a named layer is."""
+    _check_hookable(model, AUTO)
     candidates = [n for n, m in model.named_modules() if n and isinstance(m, _ADAPTABLE)]
     order = call_order(model, candidates, x)
     if not order:
@@ -175,18 +220,18 @@ def replace_layer(model, name, coef, intercept, state):
     training flags and ``requires_grad`` of ``state`` (:func:`export_state`)."""
     model = copy.deepcopy(model)
     layer = model.get_submodule(name)
-    (weight,) = as_device_arrays(layer.weight.device, coef, dtype=layer.weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight.reshape(layer.weight.shape))
-        if intercept is None:
-            if layer.bias is not None:
-                layer.bias.zero_()
-        else:
-            (bias,) = as_device_arrays(layer.weight.device, intercept, dtype=layer.weight.dtype)
-            if layer.bias is None:
-                layer.bias = nn.Parameter(bias)
-            else:
-                layer.bias.copy_(bias)
+    old = layer.weight
+    (weight,) = as_device_arrays(old.device, coef, dtype=old.dtype)
+    # new parameters, not writes into the old ones: a weight tied to another layer's (an
+    # embedding's) stays that layer's, as the update changed this layer only
+    layer.weight = nn.Parameter(weight.reshape(old.shape).clone(), requires_grad=old.requires_grad)
+    if intercept is None:
+        if layer.bias is not None:
+            layer.bias = nn.Parameter(torch.zeros_like(layer.bias), requires_grad=layer.bias.requires_grad)
+    else:
+        (bias,) = as_device_arrays(old.device, intercept, dtype=old.dtype)
+        grad = old.requires_grad if layer.bias is None else layer.bias.requires_grad
+        layer.bias = nn.Parameter(bias.clone(), requires_grad=grad)
     device, training, grads = state
     model.to(device)
     for n, m in model.named_modules():

@@ -422,3 +422,133 @@ def test_transferability_of_a_named_layer(head):
     adapted, alpha = brute_force_cv(Z, Y, np.ones(len(Y)), _pair(model, "fc"), LeaveOneOut())
     assert_allclose(named.adapted_mse, adapted, rtol=1e-8)
     assert named.alpha == alpha
+
+
+# -- layers the update cannot stand for, and tied weights (a review's findings) ---------------------
+
+
+def _mlp(d_in=5, hidden=8, k=2):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.Tanh(), nn.Linear(hidden, k))
+
+
+def _xy(n=60, d_in=5, k=2, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d_in)).astype(np.float32)
+    return X, np.tanh(X[:, :k]) + 0.1 * rng.normal(size=(n, k))
+
+
+def _parametrized():
+    from torch.nn.utils import parametrizations
+
+    model = _mlp()
+    parametrizations.spectral_norm(model[2])
+    return model.train()  # spectral_norm's power iteration runs on reading the weight in train mode
+
+
+def _pruned():
+    from torch.nn.utils import prune
+
+    model = _mlp()
+    prune.l1_unstructured(model[2], "weight", amount=0.5)
+    with torch.no_grad():  # (until a forward recomputes it without grad, the copy cannot be made)
+        model(torch.zeros(1, 5))
+    return model
+
+
+def _hooked():
+    model = _mlp()
+    model[2].register_forward_hook(lambda m, args, out: out + 5.0)
+    return model
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [(_parametrized, "parametrized weight"), (_pruned, "is pruned"), (_hooked, "forward hooks")],
+    ids=["parametrized", "pruned", "hooked"],
+)
+@pytest.mark.parametrize("head", ["2", "auto"])
+def test_a_layer_the_update_cannot_stand_for_is_refused_untouched(make, match, head):
+    model = make()
+    X, y = _xy()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        LayerVariationalAdapter(model, head, alpha=0.1).fit(X, y)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # spectral_norm's _u and _v too
+
+
+class _TiedLM(nn.Module):
+    """A language model's head tied to its embedding (lm_head.weight is emb.weight)."""
+
+    def __init__(self, vocab=7, d=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.lm_head(torch.tanh(self.mix(self.emb(idx).mean(1))))
+
+
+def test_a_tied_weight_is_untied_in_the_export():
+    model = _TiedLM()
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 7, size=(80, 4))
+    y = rng.normal(size=(80, 7))
+    est = LayerVariationalAdapter(model, "lm_head", alpha=0.1).fit(X, y)
+    exported = est.to_module()
+    assert torch.equal(exported.emb.weight, model.emb.weight)  # the embedding is not the update
+    assert exported.lm_head.weight is not exported.emb.weight
+    with torch.no_grad():
+        out = exported(torch.from_numpy(X)).numpy()
+    assert_allclose(out, est.predict(X), rtol=1e-5, atol=1e-5)
+    # the oracle: Ridge on the layer's input, captured from the user's model
+    feats = []
+    handle = model.lm_head.register_forward_pre_hook(lambda m, args: feats.append(args[0].detach()))
+    with torch.no_grad():
+        model.eval()(torch.from_numpy(X))
+    handle.remove()
+    Z = feats[0].double().numpy()
+    W0 = model.lm_head.weight.detach().double().numpy()
+    ridge = Ridge(alpha=0.1, fit_intercept=False).fit(Z, y - Z @ W0.T)
+    assert_allclose(est.coef_, W0 + ridge.coef_, rtol=1e-8, atol=1e-10)
+
+
+class _CosineLinear(nn.Linear):
+    def forward(self, x):
+        return nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
+
+
+def test_a_linear_subclass_with_its_own_forward_is_refused():
+    X, y = _xy()
+    body = nn.Sequential(nn.Linear(5, 8), nn.Tanh())
+    with pytest.raises(TypeError, match="_CosineLinear, a subclass of torch.nn.Linear with its own forward"):
+        LayerVariationalAdapter(body, _CosineLinear(8, 2)).fit(X, y)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), _CosineLinear(8, 2))
+    with pytest.raises(TypeError, match="its own forward"):
+        LayerVariationalAdapter(model, "2").fit(X, y)
+
+
+def test_a_torchscript_model_names_the_fix_for_a_named_layer():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script is deprecated
+        model = torch.jit.script(_mlp())
+    X, y = _xy()
+    for head in ("2", "auto"):
+        with pytest.raises(ValueError, match="TorchScript module"):
+            LayerVariationalAdapter(model, head).fit(X, y)
+
+
+def test_an_added_bias_follows_the_layers_requires_grad():
+    model = _mlp()
+    model[2] = nn.Linear(8, 2, bias=False)
+    model.requires_grad_(False)
+    X, y = _xy()
+    exported = LayerVariationalAdapter(model, "2", fit_intercept=True).fit(X, y).to_module()
+    assert not any(p.requires_grad for p in exported.parameters())
