@@ -350,6 +350,19 @@ class BaseAdapter(BaseEstimator):
         first = next(batches)
         feature_dtype, feature_shape = first[2], tuple(first[3])
         geometry.check_features(feature_shape, n_outputs, y.shape[1:])
+        if (
+            not conv
+            and name is not None
+            and len(feature_shape) > 1
+            and feature_shape[-1] == prior.n_features != first[1].shape[1]
+        ):
+            raise ValueError(
+                f"The layer {name!r} is applied to every position of an input of shape "
+                f"{feature_shape} per sample (a Linear over tokens or time steps); the update is for "
+                "a layer applied once per sample. Name a layer that gets one feature vector per "
+                "sample (after pooling), or split the network by hand into an extractor that pools "
+                "and a head."
+            )
         if not conv:
             self._check_prior(prior, n_outputs, first[1].shape[1])
         k, d = n_outputs, first[1].shape[1]

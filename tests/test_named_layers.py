@@ -552,3 +552,20 @@ def test_an_added_bias_follows_the_layers_requires_grad():
     X, y = _xy()
     exported = LayerVariationalAdapter(model, "2", fit_intercept=True).fit(X, y).to_module()
     assert not any(p.requires_grad for p in exported.parameters())
+
+
+class _PerToken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Linear(3, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def forward(self, x):  # (n, tokens, 3) -> a Linear on every token, then a mean
+        return self.fc(torch.tanh(self.emb(x))).mean(1)
+
+
+def test_a_layer_applied_to_every_position_is_refused_by_what_it_is():
+    X = np.random.default_rng(0).normal(size=(20, 4, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="applied to every position of an input of shape \\(4, 8\\)"):
+        LayerVariationalAdapter(_PerToken(), "fc").fit(X, np.zeros((20, 2)))
