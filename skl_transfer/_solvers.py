@@ -892,16 +892,48 @@ def loo_path(Z, Q, s, alphas, fit_intercept, rtol=None):
         UtR = sp.V.T @ (A.T @ (r * Qc))
         U2s = (U * U) * s[:, None]
     else:
-        A = r * Zc
-        sp = spectral(A @ A.T, rtol, dual_floor(Z, s, rtol))
-        U = Zc @ (A.T @ sp.V)  # fitted values Z_c dW^T = Z_c A^T V diag(w) V^T R
-        UtR = sp.V.T @ (r * Qc)
-        U2s = sp.V * sp.V * sp.e
+        yield from _loo_dual(Zc, Qc, Q, s, r, base, alphas, fit_intercept, rtol, dual_floor(Z, s, rtol))
+        return
     for j, alpha in enumerate(alphas):
         w = sp.weights(alpha)
         fitted = U @ (w[:, None] * UtR)
         h = base + U2s @ w
         resid = (Qc - fitted) / (1.0 - h)[:, None]
+        yield j, Q - resid
+
+
+def _loo_dual(Zc, Qc, Q, s, r, base, alphas, fit_intercept, rtol, floor):
+    """:func:`loo_path` for fewer rows than columns, without cancellation.
+
+    Near interpolation (small alpha against the kernel's eigenvalues) the residual
+    ``R - K (K + alpha I)^{-1} R`` and ``1 - h`` are both tiny differences of numbers near
+    ``R`` and 1, and rounding leaves them about ``eps / (alpha / e)`` relative error (1e-5
+    in the score at alpha = 1e-8 on unit-scale features). Both are computed as what they
+    equal instead: ``alpha (K + alpha I)^{-1} R = V diag(alpha / (e + alpha)) V^T R`` plus
+    ``R``'s part outside the kept directions, and ``1 - h`` as the same diagonal plus the
+    complement's. When the kept directions span all the weighted rows but the one exact null
+    direction of centring (``sqrt(s)``, which ``R`` shares), that complement is exactly 0.
+    Rows of zero weight (no part of the fit) keep the direct formula.
+    """
+    A, R = r * Zc, r * Qc
+    sp = spectral(A @ A.T, rtol, floor)
+    V, e = sp.V[:, sp.keep], sp.e[sp.keep]
+    VtR = V.T @ R
+    pos = s > 0
+    comp = R - V @ VtR  # R outside the kept directions: left as it is by every fit
+    cdiag = 1.0 - np.einsum("ij,ij->i", V, V) - base
+    if V.shape[1] == int(pos.sum()) - (1 if fit_intercept else 0):
+        comp[pos] = 0.0  # only sqrt(s) is left out (or nothing): R has no part there
+        cdiag[pos] = 0.0
+    U = Zc[~pos] @ (A.T @ V)  # zero-weight rows: fitted values Z_c A^T V diag(w) V^T R
+    rs = r[pos, 0]
+    for j, alpha in enumerate(alphas):
+        shrink = alpha / (e + alpha)
+        resid = np.empty_like(Qc)
+        resid_w = V[pos] @ (shrink[:, None] * VtR) + comp[pos]
+        resid[pos] = resid_w / rs[:, None] / (V[pos] ** 2 @ shrink + cdiag[pos])[:, None]
+        if not pos.all():
+            resid[~pos] = Qc[~pos] - U @ (VtR / (e + alpha)[:, None])
         yield j, Q - resid
 
 

@@ -196,3 +196,35 @@ def test_fast_regression_scores_equal_sklearns():
     assert _fast_r2(constant, rng.normal(size=(10, 2)), None) is None
     assert _fast_r2(np.ones(1), np.zeros(1), None) is None
     assert _fast_neg_mse(np.ones(3), np.zeros(3), np.zeros(3)) is None
+
+
+def test_leave_one_out_near_interpolation_equals_brute_force():
+    # fewer rows than features and alphas far below the kernel's eigenvalues: the fits nearly
+    # interpolate, and the residual and 1 - h were differences of numbers near R and 1 (the
+    # score was 1e-5 off at alpha = 1e-8)
+    from sklearn.linear_model import Ridge
+    from sklearn.model_selection import LeaveOneOut
+
+    rng = np.random.default_rng(0)
+    n, d = 30, 80
+    Z = np.tanh(rng.normal(size=(n, 8)) @ rng.normal(size=(8, d))) + 0.01 * rng.normal(size=(n, d))
+    y = Z[:, :3].sum(1) + 0.1 * rng.normal(size=n)
+    sw = rng.uniform(0.5, 2.0, n)
+    alphas = [1e-8, 1e-6, 1e-3, 1.0]
+    for weights in (None, sw):
+        est = LayerVariationalAdapterCV(alphas=alphas, cv=None, scoring="neg_mean_squared_error")
+        est.fit(Z, y, sample_weight=weights)
+        brute = []
+        for a in alphas:
+            errs = []
+            for tr, te in LeaveOneOut().split(Z):
+                w = None if weights is None else weights[tr]
+                errs.append(
+                    (
+                        Ridge(alpha=a, solver="svd").fit(Z[tr], y[tr], sample_weight=w).predict(Z[te])[0]
+                        - y[te][0]
+                    )
+                    ** 2
+                )
+            brute.append(-np.average(errs, weights=weights))  # held-out errors weighted as fitted
+        assert_allclose(est.cv_results_["mean_test_score"], brute, rtol=1e-9)
