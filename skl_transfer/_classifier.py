@@ -99,11 +99,13 @@ class LogitsClassifierMixin:
         Returns
         -------
         scores : ndarray of shape (n_samples, k) or (n_samples,)
-            The logits; for two classes the logit difference ``l_1 - l_0``.
+            The logits; for two classes the logit difference ``l_1 - l_0`` (not for two labels
+            of a multi-label fit: one logit per label).
         """
         check_is_fitted(self)
         L = BaseAdapter.predict(self, X)
-        return L[:, 1] - L[:, 0] if len(self.classes_) == 2 else L
+        binary = len(self.classes_) == 2 and not getattr(self, "multilabel_", False)
+        return L[:, 1] - L[:, 0] if binary else L
 
     def predict_proba(self, X):
         """Return the class probabilities, the softmax of the logits.

@@ -84,3 +84,20 @@ def test_confidence_calibration_survives_where_softmax_targets_collapse_it():
     assert abs(after_sig - before) < 0.2
     assert after_soft < before - 0.2  # the failure the sigmoid link fixes
     assert sig.score(Z_target, y) >= soft.score(Z_target, y) - 0.05
+
+
+def test_two_labels_keep_one_logit_each():
+    # a multi-label fit of two labels is not a binary one: decision_function is (n, 2), the
+    # head's logits (it was l1 - l0), as predict and predict_proba are
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(60, 3))
+    Y = np.c_[Z[:, 0] > 0, Z[:, 1] > 0].astype(int)
+    W0 = rng.normal(size=(2, 3))
+    clf = LayerVariationalClassifier(head=(W0, np.zeros(2)), link="sigmoid").fit(Z, Y)
+    scores = clf.decision_function(Z)
+    assert scores.shape == (60, 2) == clf.predict_proba(Z).shape
+    assert_allclose(scores, Z @ clf.coef_.T + clf.intercept_, rtol=1e-12)
+    assert_allclose(clf.predict_proba(Z), 1.0 / (1.0 + np.exp(-scores)), rtol=1e-12)
+    roc_auc_score(Y, scores)  # sklearn's multi-label metrics take it
