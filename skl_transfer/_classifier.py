@@ -398,6 +398,19 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
                 self.alpha, spec.fit_intercept, Z.shape, spec.feature_eps, design=(Z, Q, s)
             )
         else:
+            absent = np.flatnonzero(s @ onehot <= 0) if spec.fit_intercept else []
+            if len(absent):
+                shown = ", ".join(map(str, classes[absent][:8])) + (", ..." if len(absent) > 8 else "")
+                warnings.warn(
+                    f"{len(absent)} of the head's {k} classes ({shown}) have no weight in y. With "
+                    "loss='log' and a fitted intercept (not penalised), their logits fall without bound "
+                    "relative to the others: the fit stops where max_iter or tol stop it, and predicts "
+                    "those classes less and less. Pass fit_intercept=False to keep the pretrained "
+                    "intercepts (the weights stay penalised toward the pretrained ones), or "
+                    "loss='squared'.",
+                    UserWarning,
+                    stacklevel=2,
+                )
             W, b, self.n_iter_, converged = _solvers.multinomial_newton(
                 Z,
                 onehot.argmax(axis=1),

@@ -158,3 +158,22 @@ def test_onehot_encoding_is_ridge_on_scaled_one_hot_targets(scale):
     ridge = Ridge(alpha=2.0).fit(Z, T - L0, sample_weight=sw)
     assert_allclose(est.coef_, W0 + ridge.coef_, rtol=1e-8, atol=1e-10)
     assert_allclose(est.intercept_, b0 + ridge.intercept_, rtol=1e-8, atol=1e-10)
+
+
+def test_log_loss_warns_when_head_classes_have_no_weight():
+    # their unpenalised intercepts have no finite optimum (the fit stops where max_iter stops it):
+    # said, with the fix; fit_intercept=False keeps the pretrained intercepts and converges
+    import warnings
+
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(40, 5))
+    W0, b0 = rng.normal(size=(3, 5)), rng.normal(size=3)
+    y = np.where(Z[:, 0] > 0, 0, 2)  # class 1 of the head never occurs
+    with pytest.warns(UserWarning, match=r"1 of the head's 3 classes \(1\) have no weight in y"):
+        LayerVariationalClassifier(None, (W0, b0), loss="log", alpha=1.0).fit(Z, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = LayerVariationalClassifier(None, (W0, b0), loss="log", alpha=1.0, fit_intercept=False).fit(
+            Z, y
+        )
+    assert_allclose(kept.intercept_, b0, rtol=0, atol=0)
