@@ -17,6 +17,7 @@ from ._base import AdapterRegressorMixin, BaseAdapter, RidgeUpdateMixin
 from ._block import BlockGeometry, is_block
 from ._dask import dask_moments, is_dask_array
 from ._features import gather_design
+from ._layers import is_auto
 from ._moments import accumulate_moments
 from ._perturb import PerturbResidue
 from ._torch import host_bits, is_tensor, to_numpy
@@ -825,6 +826,17 @@ class LayerVariationalAdapter(RidgeUpdateMixin, AdapterRegressorMixin, BaseAdapt
                     "fit_intercept changed between partial_fit calls; the moments so far were "
                     f"set up for fit_intercept_={spec.fit_intercept}. Call fit to start again."
                 )
+            if not is_auto(self.head):  # ("auto" names the layer found at the first call)
+                prior = self._prior()
+                if not all(
+                    (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
+                    for a, b in ((prior.W0, spec.prior.W0), (prior.b0, spec.prior.b0))
+                ):
+                    raise ValueError(
+                        "head changed between partial_fit calls; the moments so far hold the "
+                        "residue of the earlier head. Call fit (or partial_fit on a clone) to start "
+                        "again with this head."
+                    )
             s = check_sample_weight(sample_weight, X.shape[0], allow_all_zero=True)
             batches = self._features(stream.runtime, X, use_cache=False)
         residue = None

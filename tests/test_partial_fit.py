@@ -146,3 +146,20 @@ def test_fit_on_a_generator_of_batches_restarts_and_validates():
         LayerVariationalAdapter(body, head).fit(iter([(X, y)]), y)
     with pytest.raises(ValueError, match="no batches"):
         LayerVariationalAdapter(body, head).fit(iter([]))
+
+
+def test_partial_fit_refuses_a_head_changed_between_calls():
+    # the moments so far hold the residue of the first head: continuing with another was silent
+    body = make_body()
+    X, y = _data(120)
+    est = LayerVariationalAdapter(body, make_head(n_out=2), alpha=0.2)
+    est.partial_fit(X[:60], y[:60])
+    est.set_params(head=make_head(n_out=2, seed=7))
+    with pytest.raises(ValueError, match="head changed between partial_fit calls"):
+        est.partial_fit(X[60:], y[60:])
+    same = LayerVariationalAdapter(body, make_head(n_out=2), alpha=0.2)  # an equal head continues
+    same.partial_fit(X[:60], y[:60])
+    same.set_params(head=make_head(n_out=2))
+    same.partial_fit(X[60:], y[60:])
+    full = LayerVariationalAdapter(body, make_head(n_out=2), alpha=0.2).fit(X, y)
+    assert_allclose(same.coef_, full.coef_, rtol=1e-10, atol=1e-12)
