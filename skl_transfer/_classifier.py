@@ -402,7 +402,7 @@ class LayerVariationalClassifier(LogitsClassifierMixin, ClassifierMixin, BaseAda
             if len(absent):
                 shown = ", ".join(map(str, classes[absent][:8])) + (", ..." if len(absent) > 8 else "")
                 warnings.warn(
-                    f"{len(absent)} of the head's {k} classes ({shown}) have no weight in y. With "
+                    f"{len(absent)} of the {k} classes ({shown}) have no weight in y. With "
                     "loss='log' and a fitted intercept (not penalised), their logits fall without bound "
                     "relative to the others: the fit stops where max_iter or tol stop it, and predicts "
                     "those classes less and less. Pass fit_intercept=False to keep the pretrained "

@@ -169,7 +169,7 @@ def test_log_loss_warns_when_head_classes_have_no_weight():
     Z = rng.normal(size=(40, 5))
     W0, b0 = rng.normal(size=(3, 5)), rng.normal(size=3)
     y = np.where(Z[:, 0] > 0, 0, 2)  # class 1 of the head never occurs
-    with pytest.warns(UserWarning, match=r"1 of the head's 3 classes \(1\) have no weight in y"):
+    with pytest.warns(UserWarning, match=r"1 of the 3 classes \(1\) have no weight in y"):
         LayerVariationalClassifier(None, (W0, b0), loss="log", alpha=1.0).fit(Z, y)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
