@@ -302,6 +302,7 @@ _MODULE_INTERNALS = frozenset(vars(torch.nn.Module())) - {"training"}
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks")
 _HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 _PLAIN = (type(None), bool, int, float, complex, str, bytes)
+_TENSOR_CLASSES = (torch.Tensor, torch.nn.Parameter)  # torch's own: other classes are keyed by their code
 _TORCH_ATOMS = (torch.dtype, torch.device, torch.layout, torch.memory_format, torch.Size)
 _BUILTIN_CALLABLES = (
     types.BuiltinFunctionType,
@@ -458,7 +459,7 @@ class _Walk:
         # strides too: a memory format (channels_last) changes which kernels run, and their rounding
         strides = t.stride() if t.layout == torch.strided else None
         self.put("tensor", t.dtype, tuple(t.shape), strides, t.layout, t.is_quantized)
-        if type(t) not in (torch.Tensor, torch.nn.Parameter):  # a subclass: its code
+        if type(t) not in _TENSOR_CLASSES:  # a subclass: its code
             self.cls(type(t))
         if t.__dict__:  # Python attributes set on the tensor (a forward may read them)
             self.put("tensor attributes")

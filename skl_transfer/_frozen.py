@@ -242,7 +242,7 @@ def _plain_tensor(t):
     torch's own tensor classes and without Python attributes of its own (but for
     ``torch.nn.Buffer``'s flags), which :class:`Quick` does not compare."""
     return (
-        type(t) in (torch.Tensor, torch.nn.Parameter)
+        type(t) in _fingerprint._TENSOR_CLASSES
         and t.layout == torch.strided
         and not t.is_quantized
         and not t.is_inference()

@@ -925,14 +925,15 @@ def _loo_dual(Zc, Qc, Q, s, r, base, alphas, fit_intercept, rtol, floor):
     if V.shape[1] == int(pos.sum()) - (1 if fit_intercept else 0):
         comp[pos] = 0.0  # only sqrt(s) is left out (or nothing): R has no part there
         cdiag[pos] = 0.0
-    U = Zc[~pos] @ (A.T @ V)  # zero-weight rows: fitted values Z_c A^T V diag(w) V^T R
+    # zero-weight rows (none, usually): fitted values Z_c A^T V diag(w) V^T R
+    U = None if pos.all() else Zc[~pos] @ (A.T @ V)
     rs = r[pos, 0]
     for j, alpha in enumerate(alphas):
         shrink = alpha / (e + alpha)
         resid = np.empty_like(Qc)
         resid_w = V[pos] @ (shrink[:, None] * VtR) + comp[pos]
         resid[pos] = resid_w / rs[:, None] / (V[pos] ** 2 @ shrink + cdiag[pos])[:, None]
-        if not pos.all():
+        if U is not None:
             resid[~pos] = Qc[~pos] - U @ (VtR / (e + alpha)[:, None])
         yield j, Q - resid
 

@@ -428,12 +428,16 @@ _OUTSIDE = torch.ones(16, dtype=torch.float64)  # a global tensor the forward re
 _OUTSIDE_NET = nn.Linear(16, 16, dtype=torch.float64)  # a global module the forward calls
 
 
-class _ReadsGlobal(nn.Module):
+class _Lin(nn.Module):
+    """The layer the modules below read their globals around (no forward of its own)."""
+
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.lin = nn.Linear(6, 16, dtype=torch.float64)
 
+
+class _ReadsGlobal(_Lin):
     def forward(self, x):
         return torch.tanh(self.lin(x)) * _OUTSIDE
 
@@ -495,12 +499,7 @@ def test_an_edit_of_a_tensor_the_copy_shares_with_its_module_is_seen(cls, cache)
 _SCALE = 1.0  # a global number the forward reads
 
 
-class _ReadsGlobalNumber(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.lin = nn.Linear(6, 16, dtype=torch.float64)
-
+class _ReadsGlobalNumber(_Lin):  # (not of _ReadsGlobal: its forward reads a global tensor)
     def forward(self, x):
         return torch.tanh(_SCALE * self.lin(x))
 
